@@ -1,0 +1,249 @@
+"""The ``moma`` command line.
+
+Every sub-command reads a YAML config (``configs/``) with ``--set section.key=value`` overrides and
+a few shortcut flags. Errors a user can fix print one line and exit with status 2; ``--debug``
+shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from moma import __version__
+from moma.errors import ConfigError, MomaError
+
+log = logging.getLogger("moma")
+
+# shortcut flag -> config key
+SHORTCUTS = {
+    "data": "data.source",
+    "arch": "model.arch",
+    "epochs": "optim.epochs",
+    "batch_size": "optim.batch_size",
+    "lr": "optim.lr",
+    "image_size": "data.image_size",
+    "seed": "run.seed",
+    "name": "run.name",
+    "output_dir": "run.output_dir",
+    "device": "run.device",
+    "method": "distill.method",
+    "teacher": "distill.teacher",
+}
+
+
+class TqdmHandler(logging.Handler):
+    """Log lines that do not break progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_logging(verbose: bool) -> None:
+    handler = TqdmHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s: %(message)s" if verbose else "%(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.DEBUG if verbose else logging.INFO)
+    for noisy in ("PIL", "matplotlib", "timm", "torch"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+    parser.add_argument("config", nargs=None if config_required else "?", help="YAML config file (see configs/)")
+    parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key, e.g. --set optim.lr=0.01 (repeatable)")
+    group = parser.add_argument_group("shortcuts (each sets one config key)")
+    for flag, key in SHORTCUTS.items():
+        group.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", default=None, metavar="VALUE",
+                           help=f"= --set {key}=VALUE")
+
+
+def _config_from_args(args) -> "Config":  # noqa: F821
+    from moma.config import load_config
+
+    overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in SHORTCUTS.items()
+                 if getattr(args, f"short_{flag}", None) is not None]
+    return load_config(args.config, overrides + args.overrides)
+
+
+def _print_results(results: dict) -> None:
+    run_dir = Path(results["run_dir"])
+    lines = [f"run folder: {run_dir}", f"best epoch (by val {results['select_metric']}): {results['best_epoch']}"]
+    for tag in ("best", "last"):
+        test = results.get(tag, {}).get("test")
+        if test:
+            lines.append(f"test ({tag} model): accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  "
+                         f"kappa {test['kappa']:.4f}  QWK {test['qwk']:.4f}  AUC {test['auc']:.4f}")
+    lines += [f"metrics: {run_dir / 'metrics.json'}", f"confusion matrix: {run_dir / 'confusion_test_best.png'}",
+              f"curves: {run_dir / 'curves.png'}"]
+    print("\n".join(lines))
+
+
+def cmd_train(args, distill: bool = False) -> int:
+    from moma.config import load_config
+    from moma.engine.trainer import run_training
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
+        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        results = run_training(cfg, resume_dir=run_dir)
+    else:
+        cfg = _config_from_args(args)
+        if not distill and cfg.distill.method != "none":
+            raise ConfigError(f"`moma train` trains without distillation; use `moma distill` for method '{cfg.distill.method}'")
+        results = run_training(cfg)
+    _print_results(results)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from moma.engine.device import resolve_device
+    from moma.engine.inference import evaluate_checkpoint
+    from moma.metrics import summary
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "evaluation"
+    metrics = evaluate_checkpoint(args.checkpoint, args.data, out, resolve_device(args.device), split_file=args.split_file,
+                                  split=args.split, mpp=args.mpp, batch_size=args.batch_size, skip_bad=args.skip_bad)
+    print(json.dumps(summary(metrics), indent=2))
+    print(f"reports written to {out}")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from moma.engine.device import resolve_device
+    from moma.engine.inference import predict_folder
+
+    out = Path(args.out)
+    frame = predict_folder(args.checkpoint, args.folder, out, resolve_device(args.device), batch_size=args.batch_size,
+                           skip_bad=args.skip_bad)
+    print(f"{len(frame)} tiles predicted -> {out}")
+    print(frame["prediction"].value_counts().to_string())
+    return 0
+
+
+def cmd_info(args) -> int:
+    from moma.engine.checkpoint import read_metadata
+
+    meta = read_metadata(args.checkpoint)
+    shown = {k: v for k, v in meta.__dict__.items() if k != "config"}
+    if args.config:
+        shown["config"] = meta.config
+    print(json.dumps(shown, indent=2, default=str))
+    return 0
+
+
+def cmd_methods(args) -> int:
+    from moma.distill import all_methods
+
+    rows = [(name, cls.summary, cls.reference) for name, cls in all_methods().items()]
+    width = max(len(r[0]) for r in rows)
+    for name, summary_text, reference in rows:
+        print(f"{name:<{width}}  {summary_text}")
+        print(f"{'':<{width}}  ref: {reference}")
+    return 0
+
+
+def cmd_config(args) -> int:
+    cfg = _config_from_args(args)
+    print(cfg.to_yaml(), end="")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from moma.compare import run_compare
+
+    run_compare(args.config, args.overrides, out_dir=args.out, resume=not args.fresh)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="moma", description="Knowledge distillation for histopathology tile classifiers (MoMA and baselines).")
+    parser.add_argument("--version", action="version", version=f"moma-distill {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks")
+    parser.add_argument("--verbose", action="store_true", help="more log output")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    train = sub.add_parser("train", help="supervised training (a teacher, or a student without distillation)")
+    _add_config_args(train)
+    train.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in its folder")
+    train.set_defaults(func=lambda a: cmd_train(a, distill=False))
+
+    distill = sub.add_parser("distill", help="train a student with a distillation method (--method, --teacher)")
+    _add_config_args(distill)
+    distill.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in its folder")
+    distill.set_defaults(func=lambda a: cmd_train(a, distill=True))
+
+    evaluate = sub.add_parser("evaluate", help="metrics of a checkpoint on labelled tiles")
+    evaluate.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    evaluate.add_argument("data", help="folder of class sub-folders or manifest CSV")
+    evaluate.add_argument("--split-file", help="evaluate one split of this split.csv (e.g. a run's)")
+    evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
+    evaluate.add_argument("--mpp", type=float, help="microns per pixel of the data (checked against the model's)")
+    evaluate.add_argument("--out", help="output folder (default: <checkpoint folder>/evaluation)")
+    evaluate.add_argument("--batch-size", type=int, default=128)
+    evaluate.add_argument("--device", default="auto")
+    evaluate.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles (and say how many)")
+    evaluate.set_defaults(func=cmd_evaluate)
+
+    predict = sub.add_parser("predict", help="predict every tile in a folder; writes a CSV")
+    predict.add_argument("checkpoint")
+    predict.add_argument("folder")
+    predict.add_argument("--out", default="predictions.csv")
+    predict.add_argument("--batch-size", type=int, default=128)
+    predict.add_argument("--device", default="auto")
+    predict.add_argument("--skip-bad", action="store_true")
+    predict.set_defaults(func=cmd_predict)
+
+    info = sub.add_parser("info", help="show a checkpoint's metadata")
+    info.add_argument("checkpoint")
+    info.add_argument("--config", action="store_true", help="also print the training config")
+    info.set_defaults(func=cmd_info)
+
+    methods = sub.add_parser("methods", help="list the distillation methods")
+    methods.set_defaults(func=cmd_methods)
+
+    config = sub.add_parser("config", help="print the effective config (defaults <- file <- overrides)")
+    _add_config_args(config)
+    config.set_defaults(func=cmd_config)
+
+    compare = sub.add_parser("compare", help="run the paper's experiment grid: settings x methods x folds x seeds")
+    compare.add_argument("config", help="compare config (see configs/compare/)")
+    compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    compare.add_argument("--out", help="output folder (default from the config); re-running resumes it")
+    compare.add_argument("--fresh", action="store_true", help="start a new output folder instead of resuming")
+    compare.set_defaults(func=cmd_compare)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    setup_logging(args.verbose)
+    try:
+        return args.func(args)
+    except MomaError as exc:
+        if args.debug:
+            raise
+        print(f"moma: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        if args.debug:
+            raise
+        print("moma: interrupted; an interrupted run continues with `--resume RUN_DIR`", file=sys.stderr)
+        return 130
+    except Exception as exc:  # an unexpected failure: still one line, the traceback behind --debug
+        if args.debug:
+            raise
+        print(f"moma: error: {type(exc).__name__}: {exc} (run with --debug for the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,226 @@
+"""Typed, validated run configuration.
+
+Layering follows timm's ``train.py``: defaults defined here <- a YAML file (``yaml.safe_load``)
+<- ``--set section.key=value`` overrides on the command line. Every section forbids unknown keys,
+so a typo is an error that names the key instead of a silently ignored setting. The resolved
+configuration is written to every run folder as ``config.yaml``.
+
+Paths in a config are resolved against the current working directory, as with timm and most
+command-line tools.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moma.errors import ConfigError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, coerce_numbers_to_str=True)
+
+
+class RunConfig(Section):
+    name: str = "run"
+    output_dir: str = "runs"
+    seed: int = 0
+    device: str = Field("auto", description="auto (CUDA if present, else CPU), cpu, cuda, cuda:N")
+    deterministic: bool = True
+
+
+class DataConfig(Section):
+    source: str | None = Field(
+        None, description="a folder of class sub-folders, or a CSV manifest (path,label[,split][,group])"
+    )
+    image_size: int = Field(64, ge=8, le=4096)
+    mpp: float | None = Field(None, gt=0, description="microns per pixel of the tiles, if known")
+    classes: list[str] | None = Field(None, description="class order; default: sorted labels")
+    val_fraction: float = Field(0.15, ge=0.0, lt=1.0)
+    test_fraction: float = Field(0.2, ge=0.0, lt=1.0)
+    split_seed: int | None = Field(None, description="seed of the split; default: run.seed")
+    group_column: str | None = Field("group", description="manifest column kept on one side of a split")
+    split_file: str | None = Field(None, description="a saved split.csv to reuse instead of splitting")
+    num_folds: int | None = Field(None, ge=2, description="grouped k-fold: number of folds")
+    fold: int | None = Field(None, ge=0, description="grouped k-fold: which fold is the test set")
+    skip_bad: bool = False
+    cache: bool = Field(True, description="decode every tile once and keep it in memory")
+    num_workers: int | Literal["auto"] = "auto"
+
+    @model_validator(mode="after")
+    def _check_fractions(self) -> "DataConfig":
+        if self.val_fraction + self.test_fraction >= 1.0:
+            raise ValueError("data.val_fraction + data.test_fraction must be below 1")
+        if (self.fold is None) != (self.num_folds is None):
+            raise ValueError("data.fold and data.num_folds must be set together")
+        if self.fold is not None and self.num_folds is not None and self.fold >= self.num_folds:
+            raise ValueError(f"data.fold={self.fold} must be below data.num_folds={self.num_folds}")
+        return self
+
+
+class AugmentConfig(Section):
+    hflip: bool = True
+    vflip: bool = True
+    rot90: bool = Field(True, description="random 90-degree rotations: histology has no 'up'")
+    randaugment: bool = True
+    ra_num_ops: int = Field(2, ge=0, le=10)
+    ra_magnitude: int = Field(10, ge=0, le=30)
+    stain_jitter: float = Field(0.0, ge=0.0, le=0.5, description="HED colour jitter strength (0 = off)")
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+class ModelConfig(Section):
+    arch: str = "efficientnet_b0"
+    weights: str | None = Field(None, description="local file with initial weights (safetensors or .pt)")
+    drop_rate: float | None = Field(None, ge=0.0, lt=1.0, description="None = the timm default")
+
+
+class OptimConfig(Section):
+    optimizer: Literal["sgd", "adamw"] = "sgd"
+    lr: float | None = Field(None, gt=0, description="absolute learning rate; overrides lr_base")
+    lr_base: float = Field(0.05, gt=0, description="learning rate for a global batch of lr_base_size")
+    lr_base_size: int = Field(64, ge=1)
+    momentum: float = Field(0.9, ge=0.0, lt=1.0)
+    weight_decay: float = Field(1e-4, ge=0.0)
+    batch_size: int = Field(64, ge=1, description="per process")
+    epochs: int = Field(50, ge=1)
+    scheduler: Literal["cosine", "step", "constant"] = "cosine"
+    min_lr: float = Field(5e-5, ge=0.0)
+    step_epochs: list[int] = Field(default_factory=lambda: [30, 40])
+    warmup_epochs: int = Field(0, ge=0)
+    label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
+    grad_clip: float | None = Field(None, gt=0)
+
+    def effective_lr(self, global_batch: int) -> float:
+        """Linear scaling rule (Goyal et al. 2017): lr_base is quoted for lr_base_size images."""
+        if self.lr is not None:
+            return self.lr
+        return self.lr_base * global_batch / self.lr_base_size
+
+
+class TrainConfig(Section):
+    amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
+    channels_last: bool | Literal["auto"] = "auto"
+    compile: bool = False
+    select_metric: Literal["accuracy", "macro_f1", "kappa", "balanced_accuracy"] = "macro_f1"
+    progress: bool = True
+    profile: bool = False
+    tensorboard: bool = True
+    max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for smoke runs")
+
+
+class DistillConfig(Section):
+    method: str = "none"
+    teacher: str | None = Field(None, description="teacher checkpoint (.safetensors) or its run folder")
+    student_init: str = Field(
+        "auto",
+        description="auto | teacher | scratch | a weights file. auto = teacher when teacher and student "
+        "share the architecture, else scratch",
+    )
+    ce_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
+    kl_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
+    temperature: float = Field(4.0, gt=0.0)
+    params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters")
+
+
+class Config(Section):
+    run: RunConfig = Field(default_factory=RunConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    augment: AugmentConfig = Field(default_factory=AugmentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @field_validator("distill")
+    @classmethod
+    def _lower_method(cls, value: DistillConfig) -> DistillConfig:
+        value.method = value.method.lower()
+        return value
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _format_validation_error(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown config key '{key}' (check its spelling; `moma config --show` lists every key)"
+    value = first.get("input")
+    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
+    return f"{origin}: config key '{key}': {first['msg']}{shown}"
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """Split ``a.b=value`` into (["a", "b"], value) with the value parsed as YAML."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected key=value, e.g. --set optim.lr=0.01")
+    key, raw = text.split("=", 1)
+    path = [part for part in key.strip().split(".") if part]
+    if not path:
+        raise ConfigError(f"--set {text!r}: empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    if isinstance(value, str):
+        try:  # YAML 1.1 reads "1e-3" as a string; a number is what the user meant
+            value = float(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_override(tree: dict[str, Any], path: list[str], value: Any) -> None:
+    node = tree
+    for part in path[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {'.'.join(path)}: '{part}' is not a section")
+        node = child
+    node[path[-1]] = value
+
+
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} not found")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"config file {path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path}: expected a mapping of sections at the top level")
+    return data
+
+
+def build_config(tree: dict[str, Any], origin: str = "config") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc, origin)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file <- ``key=value`` overrides, validated."""
+    tree = read_yaml(path) if path else {}
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        apply_override(tree, key_path, value)
+    origin = str(path) if path else "config"
+    if overrides:
+        origin += " + --set"
+    return build_config(tree, origin)

@@ -1,0 +1,126 @@
+"""The contract every distillation method follows.
+
+A method is a ``torch.nn.Module``. It is built once from a :class:`MethodContext` (the shapes of
+the student's and teacher's outputs on a dummy batch, the class counts, the training-set size),
+declares which intermediate feature stages it needs from each network, and on every step turns
+the student's and teacher's :class:`~moma.models.taps.TapOutputs` into *named, unweighted* loss
+terms. Their weights live in ``loss_weights``; the training loop multiplies, sums and logs each
+term, and knows nothing else about the method.
+
+The shape follows timm's ``timm.task`` (a module whose forward returns named loss components)
+and mdistiller's ``Distiller`` (the method owns its wiring). The cross-entropy term and the
+optional KL term to the teacher's softened logits are the same for every method, so
+:class:`~moma.distill.task.DistillationTask` adds them; a method only sets their default weights.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict, ValidationError
+from torch import nn
+
+from moma.errors import ConfigError
+from moma.models.taps import FeatureTap, TapOutputs
+
+
+class MethodParams(BaseModel):
+    """Hyper-parameters of a method; subclasses add fields with the literature's defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class Batch:
+    input: torch.Tensor  # images normalised for the student
+    target: torch.Tensor  # class indices
+    index: torch.Tensor  # row of each sample in the training set
+
+
+@dataclass
+class MethodContext:
+    """What a method may look at when it is built."""
+
+    student: FeatureTap
+    teacher: FeatureTap | None
+    student_probe: TapOutputs  # outputs of a dummy batch with every stage tapped
+    teacher_probe: TapOutputs | None
+    num_classes: int
+    teacher_num_classes: int | None
+    num_train_samples: int
+    same_label_space: bool
+
+
+class DistillMethod(nn.Module):
+    """Base class. Subclasses set the class attributes, define ``Params`` and ``forward``."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""
+    reference: ClassVar[str] = ""
+    Params: ClassVar[type[MethodParams]] = MethodParams
+    requires_teacher: ClassVar[bool] = True
+    logit_based: ClassVar[bool] = False  # needs teacher logits over the student's classes
+    default_ce_weight: ClassVar[float] = 1.0
+    default_kl_weight: ClassVar[float] = 0.0
+
+    def __init__(self, params: MethodParams, ctx: MethodContext):
+        super().__init__()
+        self.params = params
+        self.loss_weights: dict[str, float] = {}
+        self.student_stages: tuple[int, ...] = ()
+        self.teacher_stages: tuple[int, ...] = ()
+
+    @classmethod
+    def parse_params(cls, raw: dict | None) -> MethodParams:
+        try:
+            return cls.Params.model_validate(raw or {})
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            key = ".".join(str(p) for p in first["loc"])
+            if first["type"] == "extra_forbidden":
+                known = ", ".join(cls.Params.model_fields) or "none"
+                raise ConfigError(f"distill.params.{key}: unknown for method '{cls.name}' (its parameters: {known})") from None
+            raise ConfigError(f"distill.params.{key}: {first['msg']} (got {first.get('input')!r})") from None
+
+    def forward(self, student: TapOutputs, teacher: TapOutputs | None, batch: Batch) -> dict[str, torch.Tensor]:
+        """Named, unweighted loss terms of this step."""
+        raise NotImplementedError
+
+    def teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
+        """The teacher's outputs for this batch; frozen teachers run without gradients."""
+        with torch.no_grad():
+            return teacher(images)
+
+    def student_logits(self, student: TapOutputs) -> torch.Tensor:
+        """Logits used for the loss and the metrics (SimKD replaces them)."""
+        return student.logits
+
+    def deploy_head(self) -> nn.Module | None:
+        """A module that replaces the student's classifier at inference, if the method has one.
+        It is fed the student's ``forward_features`` output and returns logits."""
+        return None
+
+    def deploy_head_spec(self) -> dict | None:
+        """JSON-able description from which :meth:`build_deploy_head` rebuilds the head (before its
+        weights are loaded from the checkpoint)."""
+        return None
+
+    @classmethod
+    def build_deploy_head(cls, spec: dict) -> nn.Module:
+        raise NotImplementedError(f"method '{cls.name}' has no deploy head")
+
+    def after_step(self) -> None:
+        """Called after each optimiser step (momentum updates, bookkeeping)."""
+
+    def extra_parameters(self) -> int:
+        """Trainable parameters the method adds beyond the student (connectors, heads)."""
+        return sum(p.numel() for p in self.parameters() if p.requires_grad)
+
+    def describe(self) -> str:
+        return f"{self.name}: {self.summary}"
+
+
+def count_parameters(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())

@@ -1,0 +1,17 @@
+"""The vanilla student: cross-entropy only, no teacher."""
+
+from __future__ import annotations
+
+from moma.distill.base import DistillMethod
+from moma.distill.registry import register_method
+
+
+@register_method
+class NoDistillation(DistillMethod):
+    name = "none"
+    summary = "no distillation: the student trained with cross-entropy only (the 'vanilla' row)"
+    reference = "-"
+    requires_teacher = False
+
+    def forward(self, student, teacher, batch):
+        return {}

@@ -1,0 +1,36 @@
+"""Registry of distillation methods, filled by the ``@register_method`` decorator."""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+from moma.errors import ConfigError
+
+_METHODS: dict[str, type] = {}
+T = TypeVar("T")
+
+
+def register_method(cls: type[T]) -> type[T]:
+    """Class decorator: make a :class:`~moma.distill.base.DistillMethod` selectable by its ``name``."""
+    name = getattr(cls, "name", "")
+    if not name:
+        raise ValueError(f"{cls.__name__} needs a non-empty 'name' to be registered")
+    if name in _METHODS and _METHODS[name] is not cls:
+        raise ValueError(f"distillation method '{name}' is registered twice ({_METHODS[name].__name__}, {cls.__name__})")
+    _METHODS[name] = cls
+    return cls
+
+
+def get_method(name: str) -> type:
+    key = name.lower()
+    if key not in _METHODS:
+        raise ConfigError(f"distill.method '{name}' is unknown; choose one of: {', '.join(sorted(_METHODS))} (see `moma methods`)")
+    return _METHODS[key]
+
+
+def method_names() -> list[str]:
+    return sorted(_METHODS)
+
+
+def all_methods() -> dict[str, type]:
+    return dict(sorted(_METHODS.items()))

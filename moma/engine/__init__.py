@@ -1,0 +1,1 @@
+"""Engine: the one training loop, evaluation, checkpoints, run folders, plots."""

@@ -1,0 +1,212 @@
+"""Turning a :class:`~moma.config.Config` into data sets, networks and a distillation task."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+import torch
+from torch import nn
+
+from moma.config import Config
+from moma.data.dataset import TileDataset
+from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_split, split_table
+from moma.data.tiles import TileTable, scan_tiles
+from moma.data.transforms import build_eval_transform, build_train_transform
+from moma.distill.base import MethodContext
+from moma.distill.registry import all_methods, get_method
+from moma.distill.task import DistillationTask, InputAdapter
+from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
+from moma.errors import CheckpointError, ConfigError
+from moma.models.backbone import create_backbone, load_backbone_weights, read_state_dict
+from moma.models.taps import FeatureTap, TapOutputs, num_stages
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class DataBundle:
+    table: TileTable
+    split: pd.DataFrame
+    train: TileDataset
+    val: TileDataset
+    test: TileDataset
+
+    @property
+    def classes(self) -> list[str]:
+        return self.table.classes
+
+
+def make_split(cfg: Config, table: TileTable, saved_split: Path | None = None) -> pd.DataFrame:
+    """The run's split: a saved one when resuming or asked for, else a fresh patient-level one."""
+    seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.run.seed
+    if saved_split is not None and saved_split.is_file():
+        split = load_split(saved_split)
+    elif cfg.data.split_file:
+        split = load_split(cfg.data.split_file)
+    elif cfg.data.num_folds is not None:
+        split = kfold_split(table, cfg.data.num_folds, cfg.data.fold, cfg.data.val_fraction, seed)
+    else:
+        split = split_table(table, cfg.data.val_fraction, cfg.data.test_fraction, seed)
+    check_no_leakage(split)
+    return split
+
+
+def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = False) -> DataBundle:
+    table = scan_tiles(cfg.data.source, cfg.data.classes, cfg.data.group_column)
+    split = make_split(cfg, table, saved_split)
+    parts = apply_split(table, split)
+    if len(parts["test"]) == 0:
+        log.warning("the test split is empty: only validation metrics will be reported")
+    common = dict(image_size=cfg.data.image_size, cache=cfg.data.cache, skip_bad=cfg.data.skip_bad, progress=progress)
+    train = TileDataset(parts["train"], transform=build_train_transform(cfg.augment), description="train tiles", **common)
+    evaluation = build_eval_transform(cfg.augment)
+    val = TileDataset(parts["val"], transform=evaluation, description="val tiles", **common)
+    test = TileDataset(parts["test"], transform=evaluation, description="test tiles", **common) if len(parts["test"]) else None
+    return DataBundle(table, split, train, val, test)
+
+
+@dataclass
+class Teacher:
+    tap: FeatureTap
+    meta: ModelMetadata
+    state: dict[str, torch.Tensor]
+
+
+def load_teacher(path: str | Path) -> Teacher:
+    state, meta = load_model_checkpoint(path)
+    if meta.head is not None:
+        raise CheckpointError(f"teacher {path}: a student with a '{meta.head['method']}' head cannot serve as a teacher")
+    model = create_backbone(meta.arch, meta.num_classes)
+    load_backbone_weights(model, state, f"teacher {path}")
+    model.eval()
+    return Teacher(FeatureTap(model), meta, state)
+
+
+def build_student(cfg: Config, num_classes: int, teacher: Teacher | None) -> tuple[nn.Module, str]:
+    """The student network and a description of where its initial weights came from."""
+    model = create_backbone(cfg.model.arch, num_classes, cfg.model.drop_rate)
+    init = cfg.distill.student_init
+    if init == "auto":
+        if cfg.model.weights:
+            init = cfg.model.weights
+        elif teacher is not None and teacher.meta.arch == cfg.model.arch:
+            init = "teacher"
+        else:
+            init = "scratch"
+    if init == "scratch":
+        return model, "random initialisation"
+    if init == "teacher":
+        if teacher is None:
+            raise ConfigError("distill.student_init=teacher needs distill.teacher")
+        if teacher.meta.arch != cfg.model.arch:
+            raise ConfigError(
+                f"distill.student_init=teacher: teacher is {teacher.meta.arch}, student is {cfg.model.arch}; "
+                "use student_init=scratch or the same model.arch"
+            )
+        dropped = load_backbone_weights(model, teacher.state, "teacher checkpoint")
+        return model, "teacher weights" + (" (classifier re-initialised)" if dropped else "")
+    dropped = load_backbone_weights(model, read_state_dict(init), f"weights file {init}")
+    return model, f"weights file {init}" + (" (classifier re-initialised)" if dropped else "")
+
+
+def _probe(tap: FeatureTap, image_size: int, device: torch.device) -> TapOutputs:
+    """Outputs of a dummy batch with every stage tapped (for connector shapes)."""
+    stages, was_training = tap.stages, tap.training
+    tap.set_stages(tuple(range(num_stages(tap.model))))
+    tap.eval()
+    with torch.no_grad():
+        out = tap(torch.zeros(2, 3, image_size, image_size, device=device))
+    tap.set_stages(stages)
+    tap.train(was_training)
+    return out
+
+
+def _teacher_class_order(teacher_classes: list[str], classes: list[str]) -> list[int] | None:
+    if teacher_classes == classes:
+        return None
+    return [teacher_classes.index(name) for name in classes]
+
+
+def check_resolution(cfg: Config, meta: ModelMetadata, origin: str) -> None:
+    """Warn when tiles differ in size or microns per pixel from what a model was trained on."""
+    if meta.mpp and cfg.data.mpp and abs(meta.mpp - cfg.data.mpp) / meta.mpp > 0.1:
+        log.warning("%s was trained at %.3g um/px but data.mpp is %.3g um/px: features may not transfer", origin, meta.mpp, cfg.data.mpp)
+    if meta.image_size != cfg.data.image_size:
+        log.warning("%s was trained on %d px tiles, this run uses %d px", origin, meta.image_size, cfg.data.image_size)
+
+
+def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device) -> tuple[DistillationTask, dict]:
+    """The distillation task for this config, on ``device``; also a dict describing the setup."""
+    method_cls = get_method(cfg.distill.method)
+    params = method_cls.parse_params(cfg.distill.params)
+    teacher = load_teacher(cfg.distill.teacher) if cfg.distill.teacher else None
+    if method_cls.requires_teacher and teacher is None:
+        raise ConfigError(f"distill.method '{method_cls.name}' needs a teacher: set distill.teacher (or --teacher) to a checkpoint")
+    if teacher is not None:
+        check_resolution(cfg, teacher.meta, f"teacher {cfg.distill.teacher}")
+    same_labels = teacher is not None and sorted(teacher.meta.class_names) == sorted(classes)
+    if method_cls.logit_based and not same_labels:
+        usable = [name for name, cls in all_methods().items() if not cls.logit_based]
+        raise ConfigError(
+            f"distill.method '{method_cls.name}' matches teacher and student logits, so it needs a teacher trained on the "
+            f"same classes (teacher: {', '.join(teacher.meta.class_names)}; data: {', '.join(classes)}). "
+            f"Methods that work across label sets: {', '.join(usable)}"
+        )
+    student_model, init_note = build_student(cfg, len(classes), teacher)
+    student = FeatureTap(student_model).to(device)
+    teacher_tap = teacher.tap.to(device) if (teacher is not None and method_cls.requires_teacher) else None
+    ctx = MethodContext(
+        student=student,
+        teacher=teacher_tap,
+        student_probe=_probe(student, cfg.data.image_size, device),
+        teacher_probe=_probe(teacher_tap, cfg.data.image_size, device) if teacher_tap is not None else None,
+        num_classes=len(classes),
+        teacher_num_classes=teacher.meta.num_classes if teacher is not None else None,
+        num_train_samples=num_train,
+        same_label_space=same_labels,
+    )
+    method = method_cls(params, ctx).to(device)
+    student.set_stages(method.student_stages)
+    if teacher_tap is not None:
+        teacher_tap.set_stages(method.teacher_stages)
+    ce_weight = cfg.distill.ce_weight if cfg.distill.ce_weight is not None else method_cls.default_ce_weight
+    kl_weight = _resolve_kl_weight(cfg, method_cls, same_labels, teacher_tap is not None)
+    adapter = None
+    if teacher_tap is not None:
+        adapter = InputAdapter(cfg.augment.mean, cfg.augment.std, teacher.meta.mean, teacher.meta.std).to(device)
+        if not adapter.identity:
+            log.info("teacher was trained with other normalisation statistics: its input is re-normalised")
+    task = DistillationTask(
+        student, teacher_tap, method, ce_weight=ce_weight, kl_weight=kl_weight, temperature=cfg.distill.temperature,
+        label_smoothing=cfg.optim.label_smoothing, teacher_input=adapter,
+        teacher_class_order=_teacher_class_order(teacher.meta.class_names, classes) if same_labels else None,
+    ).to(device)
+    info = {
+        "method": method_cls.name,
+        "student_init": init_note,
+        "same_label_space": same_labels,
+        "loss_weights": task.loss_weights(),
+        "extra_parameters": method.extra_parameters(),
+        "teacher": None if teacher is None else {"path": str(cfg.distill.teacher), "arch": teacher.meta.arch,
+                                                 "classes": teacher.meta.class_names, "mpp": teacher.meta.mpp},
+    }
+    return task, info
+
+
+def _resolve_kl_weight(cfg: Config, method_cls, same_labels: bool, has_teacher: bool) -> float:
+    if not has_teacher:
+        return 0.0
+    if cfg.distill.kl_weight is not None:
+        if cfg.distill.kl_weight > 0 and not same_labels:
+            raise ConfigError(
+                "distill.kl_weight > 0 needs a teacher trained on the same classes as the data; "
+                "leave it unset (it is switched off automatically) or use such a teacher"
+            )
+        return cfg.distill.kl_weight
+    if method_cls.default_kl_weight > 0 and not same_labels:
+        log.info("teacher and data have different label sets: the KL term to the teacher's logits is switched off")
+        return 0.0
+    return method_cls.default_kl_weight

@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny synthetic tile sets (32 px) and tiny timm models, so tests run on CPU."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moma.config import Config, build_config
+
+torch.set_num_threads(2)
+
+# Each class is a colour: the classes are separable, so learning is visible in a few steps.
+CLASS_COLOURS = {"tumour": (200, 60, 90), "stroma": (230, 160, 190), "immune": (70, 60, 170), "fat": (240, 240, 235)}
+
+
+def write_tile(path: Path, colour, size: int = 32, seed: int = 0, mode: str = "RGB") -> None:
+    rng = np.random.default_rng(seed)
+    pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)
+    image = Image.fromarray(pixels, "RGB")
+    if mode != "RGB":
+        image = image.convert(mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    image.save(path)
+
+
+def make_tile_folder(root: Path, classes=("tumour", "stroma", "immune"), per_class: int = 24, size: int = 32,
+                     patients_per_class: int = 4, manifest: bool = True) -> Path:
+    """A class-per-folder tile set, plus a manifest.csv with a patient ``group`` column."""
+    rows = []
+    for c, name in enumerate(classes):
+        for i in range(per_class):
+            rel = f"{name}/{name}_{i:03d}.png"
+            write_tile(root / rel, CLASS_COLOURS[name], size=size, seed=1000 * c + i)
+            rows.append({"path": rel, "label": name, "group": f"{name}_patient{i % patients_per_class}"})
+    if manifest:
+        with open(root / "manifest.csv", "w", newline="") as handle:
+            writer = csv.DictWriter(handle, fieldnames=["path", "label", "group"])
+            writer.writeheader()
+            writer.writerows(rows)
+    return root
+
+
+@pytest.fixture
+def tile_folder(tmp_path) -> Path:
+    return make_tile_folder(tmp_path / "tiles")
+
+
+def tiny_config(tmp_path: Path, source: Path, **sections) -> Config:
+    """A config that trains test_resnet on 32 px tiles in seconds."""
+    tree = {
+        "run": {"name": "t", "output_dir": str(tmp_path / "runs"), "seed": 0},
+        "data": {"source": str(source), "image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+        "augment": {"randaugment": False},
+        "model": {"arch": "test_resnet"},
+        "optim": {"epochs": 2, "batch_size": 16, "lr": 0.05},
+        "train": {"progress": False, "tensorboard": False},
+    }
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return build_config(tree)
+
+
+@pytest.fixture
+def make_config(tmp_path):
+    def factory(source: Path, **sections) -> Config:
+        return tiny_config(tmp_path, source, **sections)
+
+    return factory
