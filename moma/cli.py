@@ -62,6 +62,7 @@ def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fa
     for flag, key in SHORTCUTS.items():
         group.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", default=None, metavar="VALUE",
                            help=f"= --set {key}=VALUE")
+    group.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and report how many (= --set data.skip_bad=true)")
 
 
 def _config_from_args(args) -> "Config":  # noqa: F821
@@ -69,6 +70,8 @@ def _config_from_args(args) -> "Config":  # noqa: F821
 
     overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in SHORTCUTS.items()
                  if getattr(args, f"short_{flag}", None) is not None]
+    if getattr(args, "skip_bad", False):
+        overrides.append("data.skip_bad=true")
     return load_config(args.config, overrides + args.overrides)
 
 
@@ -80,6 +83,8 @@ def _print_results(results: dict) -> None:
         if test:
             lines.append(f"test ({tag} model): accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  "
                          f"kappa {test['kappa']:.4f}  QWK {test['qwk']:.4f}  AUC {test['auc']:.4f}")
+    if results.get("skipped_tiles"):
+        lines.append(f"skipped {results['skipped_tiles']} unreadable tile(s) (see train.log)")
     lines += [f"metrics: {run_dir / 'metrics.json'}", f"confusion matrix: {run_dir / 'confusion_test_best.png'}",
               f"curves: {run_dir / 'curves.png'}"]
     print("\n".join(lines))

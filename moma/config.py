@@ -156,7 +156,7 @@ def _format_validation_error(error: ValidationError, origin: str) -> str:
     first = error.errors()[0]
     key = ".".join(str(part) for part in first["loc"]) or "<root>"
     if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown config key '{key}' (check its spelling; `moma config --show` lists every key)"
+        return f"{origin}: unknown config key '{key}' (check its spelling; `moma config` prints every key)"
     value = first.get("input")
     shown = f" (got {value!r})" if not isinstance(value, dict) else ""
     return f"{origin}: config key '{key}': {first['msg']}{shown}"

@@ -114,7 +114,8 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         self.data: DataBundle = build_data(cfg, run_dir / SPLIT_NAME, progress=self.progress)
-        self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device)
+        self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
+                                                train_targets=self.data.train.targets)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
@@ -220,6 +221,7 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         seed_everything(epoch_seed(self.cfg.run.seed, epoch) + self.dist.rank)
         self.train_model.train()
+        self.task.method.on_epoch_start(epoch)
         loader = self.train_loader(epoch)
         sums: dict[str, float] = {}
         seen = 0
@@ -401,13 +403,22 @@ def _remove_unused_run_dir(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def run_training(cfg: Config, resume_dir: Path | None = None) -> dict:
-    """Create (or reopen) the run folder and train. Returns the final results dict."""
+def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | None = None) -> dict:
+    """Create (or reopen) the run folder and train. Returns the final results dict.
+
+    ``resume_dir`` continues an interrupted run there; ``run_dir`` names a new, empty folder to use
+    instead of one derived from run.output_dir/run.name (the comparison grid names its cells)."""
     dist = dist_utils.DistInfo.from_env()
     dist_utils.init_process_group(dist)
     try:
         if resume_dir is not None:
             run_dir = Path(resume_dir)
+        elif run_dir is not None:
+            run_dir = Path(run_dir)
+            if dist.is_main:
+                run_dir.mkdir(parents=True, exist_ok=True)
+                if any(run_dir.iterdir()):
+                    raise MomaError(f"run folder {run_dir} is not empty; runs never overwrite each other")
         else:
             run_dir = dist_utils.broadcast_run_dir(
                 lambda: create_run_dir(cfg.run.output_dir, cfg.run.name), dist)

@@ -1,0 +1,61 @@
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moma.engine import trainer as trainer_module
+from moma.engine.trainer import run_training
+
+
+def test_training_learns_separable_tiles(tile_folder, make_config):
+    cfg = make_config(tile_folder, optim={"epochs": 4, "lr": 0.05})
+    results = run_training(cfg)
+    run_dir = results["run_dir"]
+    history = pd.read_csv(f"{run_dir}/summary.csv")
+    assert list(history["epoch"]) == [1, 2, 3, 4]
+    assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
+    assert results["best"]["test"]["accuracy"] >= 0.9  # chance is 1/3
+    metrics = json.loads(open(f"{run_dir}/metrics.json").read())
+    for key in ("accuracy", "macro_f1", "kappa", "qwk"):
+        assert key in metrics["best"]["test"] and key in metrics["last"]["test"]
+    for name in ("config.yaml", "split.csv", "best.safetensors", "state.pt", "curves.png", "confusion_test_best.png",
+                 "confusion_test_best.csv", "predictions_test_best.csv", "environment.json", "train.log"):
+        assert Path(run_dir, name).is_file(), name
+
+
+def test_a_second_run_never_overwrites_the_first(tile_folder, make_config):
+    cfg = make_config(tile_folder, optim={"epochs": 1})
+    first = run_training(cfg)["run_dir"]
+    second = run_training(cfg)["run_dir"]
+    assert first != second and second.endswith("t-2")
+
+
+def test_resume_after_interruption_gives_identical_weights(tile_folder, make_config, monkeypatch):
+    cfg = make_config(tile_folder, optim={"epochs": 3}, augment={"randaugment": True, "stain_jitter": 0.05})
+    reference = run_training(cfg)["run_dir"]
+
+    original_step = trainer_module.Trainer._step
+    calls = {"n": 0}
+
+    def interrupted_step(self, batch, epoch, step):
+        if epoch == 1 and step == 1:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+        calls["n"] += 1
+        return original_step(self, batch, epoch, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", original_step)
+    interrupted_dir = f"{cfg.run.output_dir}/t-2"
+    resumed = run_training(cfg, resume_dir=interrupted_dir)["run_dir"]
+    assert resumed == interrupted_dir
+    a, b = load_file(f"{reference}/last.safetensors"), load_file(f"{resumed}/last.safetensors")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert pd.read_csv(f"{resumed}/summary.csv")["epoch"].tolist() == [1, 2, 3]
+    assert open(f"{reference}/split.csv").read() == open(f"{resumed}/split.csv").read()
