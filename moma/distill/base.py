@@ -51,6 +51,10 @@ class MethodContext:
     teacher_num_classes: int | None
     num_train_samples: int
     same_label_space: bool
+    kl_weight: float | None = None  # weight of the task's shared KL term (None: not known)
+    batch_size: int | None = None  # samples per step in one process (SemCKD embeds batch similarities)
+    train_targets: torch.Tensor | None = None  # class of each training row (CRD draws negatives of other classes)
+    teacher_class_order: list[int] | None = None  # teacher class index of each student class, when they differ
 
 
 class DistillMethod(nn.Module):
@@ -110,6 +114,10 @@ class DistillMethod(nn.Module):
     @classmethod
     def build_deploy_head(cls, spec: dict) -> nn.Module:
         raise NotImplementedError(f"method '{cls.name}' has no deploy head")
+
+    def on_epoch_start(self, epoch: int) -> None:
+        """Called before each training epoch (0-based; also after a resume), for schedules that
+        depend on the epoch (DKD's warm-up)."""
 
     def after_step(self) -> None:
         """Called after each optimiser step (momentum updates, bookkeeping)."""

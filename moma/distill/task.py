@@ -91,13 +91,14 @@ class DistillationTask(nn.Module):
         teacher_out = None
         if self.teacher is not None:
             teacher_out = self.method.teacher_forward(self.teacher, self.teacher_input(batch.input))
+            teacher_out.logits = self._teacher_logits(teacher_out.logits)  # methods see the student's class order
         terms = dict(self.method(student_out, teacher_out, batch))
         self.extras_seconds = time.perf_counter() - start
         logits = self.method.student_logits(student_out)
         if self.ce_weight:
             terms["ce"] = F.cross_entropy(logits.float(), batch.target, label_smoothing=self.label_smoothing)
         if self.kl_weight and teacher_out is not None:
-            terms["kl"] = kd_loss(student_out.logits, self._teacher_logits(teacher_out.logits), self.temperature)
+            terms["kl"] = kd_loss(student_out.logits, teacher_out.logits, self.temperature)
         weights = self.loss_weights()
         loss = sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0))
         if not isinstance(loss, torch.Tensor):  # every weight is zero: still a graph to back-propagate

@@ -138,8 +138,10 @@ def check_resolution(cfg: Config, meta: ModelMetadata, origin: str) -> None:
         log.warning("%s was trained on %d px tiles, this run uses %d px", origin, meta.image_size, cfg.data.image_size)
 
 
-def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device) -> tuple[DistillationTask, dict]:
-    """The distillation task for this config, on ``device``; also a dict describing the setup."""
+def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device,
+               train_targets: torch.Tensor | None = None) -> tuple[DistillationTask, dict]:
+    """The distillation task for this config, on ``device``; also a dict describing the setup.
+    ``train_targets``: the class index of each training row (methods that sample by class use it)."""
     method_cls = get_method(cfg.distill.method)
     params = method_cls.parse_params(cfg.distill.params)
     teacher = load_teacher(cfg.distill.teacher) if cfg.distill.teacher else None
@@ -151,13 +153,16 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
     if method_cls.logit_based and not same_labels:
         usable = [name for name, cls in all_methods().items() if not cls.logit_based]
         raise ConfigError(
-            f"distill.method '{method_cls.name}' matches teacher and student logits, so it needs a teacher trained on the "
-            f"same classes (teacher: {', '.join(teacher.meta.class_names)}; data: {', '.join(classes)}). "
+            f"distill.method '{method_cls.name}' uses the teacher's class outputs (logits or classifier), so it "
+            f"needs a teacher trained on the same classes (teacher: {', '.join(teacher.meta.class_names)}; "
+            f"data: {', '.join(classes)}). "
             f"Methods that work across label sets: {', '.join(usable)}"
         )
     student_model, init_note = build_student(cfg, len(classes), teacher)
     student = FeatureTap(student_model).to(device)
     teacher_tap = teacher.tap.to(device) if (teacher is not None and method_cls.requires_teacher) else None
+    class_order = _teacher_class_order(teacher.meta.class_names, classes) if same_labels else None
+    kl_weight = _resolve_kl_weight(cfg, method_cls, same_labels, teacher_tap is not None)
     ctx = MethodContext(
         student=student,
         teacher=teacher_tap,
@@ -167,13 +172,16 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         teacher_num_classes=teacher.meta.num_classes if teacher is not None else None,
         num_train_samples=num_train,
         same_label_space=same_labels,
+        kl_weight=kl_weight,
+        batch_size=cfg.optim.batch_size,
+        train_targets=train_targets,
+        teacher_class_order=class_order,
     )
     method = method_cls(params, ctx).to(device)
     student.set_stages(method.student_stages)
     if teacher_tap is not None:
         teacher_tap.set_stages(method.teacher_stages)
     ce_weight = cfg.distill.ce_weight if cfg.distill.ce_weight is not None else method_cls.default_ce_weight
-    kl_weight = _resolve_kl_weight(cfg, method_cls, same_labels, teacher_tap is not None)
     adapter = None
     if teacher_tap is not None:
         adapter = InputAdapter(cfg.augment.mean, cfg.augment.std, teacher.meta.mean, teacher.meta.std).to(device)
@@ -182,7 +190,7 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
     task = DistillationTask(
         student, teacher_tap, method, ce_weight=ce_weight, kl_weight=kl_weight, temperature=cfg.distill.temperature,
         label_smoothing=cfg.optim.label_smoothing, teacher_input=adapter,
-        teacher_class_order=_teacher_class_order(teacher.meta.class_names, classes) if same_labels else None,
+        teacher_class_order=class_order,
     ).to(device)
     info = {
         "method": method_cls.name,
