@@ -1,0 +1,444 @@
+"""MoMA: momentum contrastive distillation with multi-head attention across the batch.
+
+Vuong & Kwak, "MoMA: Momentum contrastive learning with multi-head attention-based knowledge
+distillation for histopathology image analysis", Medical Image Analysis 101 (2025) 103421,
+arXiv 2308.16561. Official code: github.com/trinhvg/MoMA (``train_student_moma.py``,
+``helper/loops_moma.py``, ``MoMA/mem_moco.py``, ``MoMA/criterion_moco_att.py``,
+``learning/contrast_trainer.py``).
+
+The teacher network starts from the pre-trained teacher checkpoint and is then a momentum (EMA)
+average of the student, as MoCo's key encoder. One step (docs/moma.md has the equations):
+
+1. student forward (the task);
+2. ``teacher_forward``: the teacher's logits for the shared KL term, from the teacher *before*
+   this step's update (skipped when the KL term is off), then the EMA update of teacher and key
+   head, then the key pass (teacher BatchNorm in train mode, split-batch "shuffle BN") giving
+   L2-normalised keys ``embed_t(f_t)``;
+3. ``forward``: query ``atts_q(embed_s(f_s))``, positive keys ``atts_k(k)``, keys to enqueue
+   ``atts_queue(k)``, InfoNCE over [positive, queue] at temperature tau, then enqueue.
+
+Everything stateful (projection heads, attention, queue, pointer, EMA step) is a submodule or
+buffer of this method, and the teacher is a submodule of the task, so the task's state_dict is
+the whole resumable state. Only the student is the deliverable.
+"""
+
+from __future__ import annotations
+
+import logging
+from contextlib import contextmanager, nullcontext
+from typing import Annotated, ClassVar, Literal
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field, model_validator
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from moma.distill.base import Batch, DistillMethod, MethodContext, MethodParams
+from moma.distill.batch_attention import BatchAttention
+from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
+from moma.distill.queue import KeyQueue
+from moma.distill.registry import register_method
+from moma.errors import ConfigError
+from moma.models.taps import FeatureTap, TapOutputs
+
+log = logging.getLogger(__name__)
+
+PAPER_QUEUE_SIZE = 16384  # --nce_k in train_student_moma.py and scripts/run_moma.sh
+
+
+# ----------------------------------------------------------------------------- the loss
+
+
+def infonce_logits(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    r"""MoCo logits (He et al., CVPR 2020, eq. 1; MoMA ``MoCo._compute_logit``), in float32:
+
+    .. math:: \ell_i = \big[\, q_i \cdot k_i^{+},\; q_i \cdot n_1,\; \dots,\; q_i \cdot n_K \,\big] / \tau
+
+    ``query`` and ``positive`` are (N, D), ``negatives`` the queue (K, D); returns (N, 1 + K).
+    """
+    with torch.autocast(query.device.type, enabled=False):
+        q = query.float()
+        pos = (q * positive.float()).sum(dim=1, keepdim=True)
+        neg = q @ negatives.float().t()
+        return torch.cat([pos, neg], dim=1) / temperature
+
+
+def infonce_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+    r"""InfoNCE with the positive at index 0 (MoMA's :math:`L_{NCE}`, the code's ``CrossEntropyLoss``
+    on the logits of :func:`infonce_logits` with label 0), averaged over the batch:
+
+    .. math:: L_{NCE} = -\frac{1}{N}\sum_i \log \frac{\exp(q_i \cdot k_i^{+} / \tau)}
+              {\exp(q_i \cdot k_i^{+} / \tau) + \sum_{j=1}^{K} \exp(q_i \cdot n_j / \tau)}
+    """
+    logits = infonce_logits(query, positive, negatives, temperature)
+    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+class ProjectionHead(nn.Module):
+    """The code's ``--head mlp``: Linear(d, d) -> ReLU -> Linear(d, feat_dim) -> L2 normalisation."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.mlp(x.flatten(1)), dim=1)
+
+
+def pooled_features(model: nn.Module, out: TapOutputs) -> torch.Tensor:
+    """The globally pooled feature vector the projection head reads (the code's ``feat[-1]``, the
+    average-pooled map before dropout and classifier). For timm models whose ``global_pool`` output
+    is the pre-logits embedding, the pooled map is used so that head dropout (efficientnet_b0:
+    0.2) does not reach the query; otherwise timm's pre-logits embedding."""
+    pool = getattr(model, "global_pool", None)
+    fmap = out.feature_map
+    if isinstance(pool, nn.Module) and fmap is not None and fmap.ndim == 4:
+        pooled = pool(fmap).flatten(1)
+        if pooled.shape[1] == out.embedding.shape[1]:
+            return pooled
+    return out.embedding.flatten(1)
+
+
+def _norm_layers(model: nn.Module) -> list[_BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
+
+
+@contextmanager
+def batchnorm_mode(model: nn.Module, training: bool):
+    """Every BatchNorm layer of ``model`` in train (batch statistics, running stats updated) or eval
+    mode for the duration, the rest of the model untouched (dropout stays as it is); restored after.
+    The code's ``model_t.apply(set_bn_train)``, without leaving the teacher changed."""
+    norms = _norm_layers(model)
+    previous = [m.training for m in norms]
+    for m in norms:
+        m.training = training
+    try:
+        yield
+    finally:
+        for m, was in zip(norms, previous):
+            m.training = was
+
+
+@contextmanager
+def running_stats_frozen(model: nn.Module):
+    """BatchNorm layers normalise with batch statistics but leave their running statistics as they
+    are (``track_running_stats`` off for the duration)."""
+    norms = [m for m in _norm_layers(model) if m.track_running_stats]
+    for m in norms:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in norms:
+            m.track_running_stats = True
+
+
+def _unwrap(module: nn.Module) -> nn.Module:
+    """The module itself, also when DistributedDataParallel wraps it."""
+    return getattr(module, "module", module)
+
+
+def _classifier_names(model: nn.Module) -> set[str]:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    if classifier is None:
+        return set()
+    ids = {id(p) for p in classifier.parameters()}
+    return {name for name, p in model.named_parameters() if id(p) in ids}
+
+
+def _arch_name(model: nn.Module) -> str:
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("architecture") or type(model).__name__
+
+
+def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | None) -> int:
+    """``auto``: the paper's 16384, clamped to the largest multiple of the batch that does not exceed
+    the training-set size (the queue then never holds more keys than there are training tiles)."""
+    if requested != "auto":
+        return int(requested)
+    size = min(PAPER_QUEUE_SIZE, max(num_train, 1))
+    if batch_size and size >= batch_size:
+        size -= size % batch_size
+    return size
+
+
+# ----------------------------------------------------------------------------- the method
+
+
+class MoMAParams(MethodParams):
+    momentum: float = Field(0.999, ge=0.0, lt=1.0, description="EMA coefficient alpha of teacher and key head (code: --alpha)")
+    momentum_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="cosine: alpha rises from `momentum` to 1 over `momentum_steps` (BYOL / MoCo v3); not in MoMA")
+    momentum_steps: int | None = Field(None, ge=1, description="optimiser steps of the cosine momentum schedule")
+    temperature: float = Field(0.15, gt=0.0, description="InfoNCE temperature tau (code: nce_t forced to 0.15 for moma)")
+    queue_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
+        PAPER_QUEUE_SIZE, description="negatives K (code: --nce_k); auto = min(16384, training tiles) rounded to the batch")
+    feat_dim: int = Field(512, ge=1, description="projection width (code: --feat_dim, --head mlp)")
+    num_heads: int = Field(4, ge=1, description="heads of the batch attention (hard-coded 4 in the code)")
+    beta: float = Field(1.0, ge=0.0, description="weight of the nce term (code: -b, 1 in run_moma.sh)")
+    key_attention: Literal["frozen", "ema", "trainable"] = Field(
+        "frozen", description="frozen: atts_k/atts_queue stay at their random init as in the code (keys are detached); "
+        "ema: one key attention, EMA of atts_q; trainable: one key attention learnt through the positive logit")
+    teacher_buffers: Literal["keep", "copy", "ema"] = Field(
+        "keep", description="teacher BatchNorm running stats: keep (own, as the code), copy or EMA the student's")
+    shuffle_bn: Literal["split", "none"] = Field(
+        "split", description="single-process stand-in for shuffle BN in the key pass: split = permuted sub-batches")
+    bn_splits: int = Field(2, ge=1, description="sub-batches of the split key pass (the paper ran 2 GPUs)")
+    kl_teacher_bn: Literal["train", "eval"] = Field(
+        "train", description="teacher BatchNorm mode of the KL logits pass (the code: train from the 2nd step of an epoch)")
+    attention_residual: bool = Field(
+        False, description="x + attention(x) instead of attention(x) (not in the code: there, the random-init batch "
+        "attention maps every sample to almost the same vector; see docs/moma.md)")
+    single_teacher_pass: bool = Field(
+        False, description="take the KL logits from the key pass (after the EMA update): one teacher pass instead of two")
+
+    @model_validator(mode="after")
+    def _check(self) -> "MoMAParams":
+        if self.feat_dim % self.num_heads:
+            raise ValueError(f"feat_dim={self.feat_dim} must be divisible by num_heads={self.num_heads}")
+        if self.momentum_schedule == "cosine" and self.momentum_steps is None:
+            raise ValueError("momentum_schedule=cosine needs momentum_steps (the number of optimiser steps)")
+        return self
+
+
+@register_method
+class MoMA(DistillMethod):
+    name = "moma"
+    summary = "momentum teacher (EMA of the student) + InfoNCE with a queue + multi-head attention across the batch"
+    reference = "Vuong & Kwak, MoMA, Medical Image Analysis 101 (2025) 103421, arXiv 2308.16561"
+    Params = MoMAParams
+    requires_teacher = True
+    logit_based = False  # works across label sets; the KL term is then switched off by the builder
+    requires_same_architecture: ClassVar[bool] = True
+    teacher_is_updated: ClassVar[bool] = True
+    default_ce_weight = 1.0  # -c 1
+    default_kl_weight = 1.0  # -d 1 (same task only)
+
+    def __init__(self, params: MoMAParams, ctx: MethodContext):
+        super().__init__(params, ctx)
+        if ctx.teacher is None:
+            raise ConfigError("distill.method 'moma' needs a teacher checkpoint (distill.teacher)")
+        # References only: both networks belong to the task (a tuple is not registered as submodules).
+        self._taps: tuple[FeatureTap, FeatureTap] = (_unwrap(ctx.student), _unwrap(ctx.teacher))
+        student, teacher = self._student_model, self._teacher_model
+        _check_same_architecture(student, teacher)
+        if not ctx.same_label_space:
+            _match_teacher_classifier(teacher, ctx.num_classes)
+        teacher.requires_grad_(False)
+        self._classifier = _classifier_names(teacher)
+        order = ctx.teacher_class_order
+        # Teacher classifier row i is student row inverse[i] when the same classes come in another order.
+        self.register_buffer("class_inverse", torch.argsort(torch.as_tensor(order or [], dtype=torch.long)), persistent=False)
+
+        with torch.no_grad():
+            in_dim = pooled_features(student, ctx.student_probe).shape[1]
+        self.embed_s = ProjectionHead(in_dim, params.feat_dim)
+        self.embed_t = ProjectionHead(in_dim, params.feat_dim).requires_grad_(False)  # independent init, as the code
+        self.atts_q = BatchAttention(params.feat_dim, params.num_heads)
+        self.atts_k = BatchAttention(params.feat_dim, params.num_heads)
+        if params.key_attention == "frozen":
+            self.atts_queue = BatchAttention(params.feat_dim, params.num_heads).requires_grad_(False)
+            self.atts_k.requires_grad_(False)
+        elif params.key_attention == "ema":
+            self.atts_k.load_state_dict(self.atts_q.state_dict())  # MoCo: the momentum copy starts equal
+            self.atts_k.requires_grad_(False)
+        self.queue = KeyQueue(self._queue_size(params, ctx), params.feat_dim)
+        self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
+        self.loss_weights = {"nce": params.beta}
+
+        kl_weight = ctx.kl_weight if ctx.kl_weight is not None else (1.0 if ctx.same_label_space else 0.0)
+        self._separate_logits_pass = kl_weight > 0 and not params.single_teacher_pass
+        self._pending_keys: torch.Tensor | None = None
+        log.info(
+            "moma: queue %d x %d, tau %g, alpha %g (%s), %d-head batch attention (key attention %s), key pass %s, "
+            "teacher passes per step: %d", self.queue.size, params.feat_dim, params.temperature, params.momentum,
+            params.momentum_schedule, params.num_heads, params.key_attention,
+            f"split-batch BN ({params.bn_splits} sub-batches)" if params.shuffle_bn == "split" else "plain BN",
+            2 if self._separate_logits_pass else 1,
+        )
+
+    # --------------------------------------------------------------- setup helpers
+    @property
+    def _student_model(self) -> nn.Module:
+        return _unwrap(self._taps[0]).model
+
+    @property
+    def _teacher_model(self) -> nn.Module:
+        return _unwrap(self._taps[1]).model
+
+    @staticmethod
+    def _queue_size(params: MoMAParams, ctx: MethodContext) -> int:
+        size = resolve_queue_size(params.queue_size, ctx.num_train_samples, ctx.batch_size)
+        if params.queue_size == "auto":
+            log.info("moma: queue_size=auto -> %d keys (%d training tiles)", size, ctx.num_train_samples)
+        elif size > ctx.num_train_samples:
+            log.warning(
+                "moma: the queue (%d keys) is larger than the training set (%d tiles): it will hold about %.1f keys "
+                "per tile, older keys of the same tiles (a tile's own earlier key among its negatives), and random "
+                "initial vectors for the first %d epochs; distill.params.queue_size=auto would use %d",
+                size, ctx.num_train_samples, size / max(ctx.num_train_samples, 1),
+                -(-size // max(ctx.num_train_samples, 1)),
+                resolve_queue_size("auto", ctx.num_train_samples, ctx.batch_size),
+            )
+        return size
+
+    # --------------------------------------------------------------- momentum update
+    def current_momentum(self) -> float:
+        p = self.params
+        if p.momentum_schedule == "cosine":
+            return cosine_momentum(p.momentum, int(self.ema_step), p.momentum_steps)
+        return p.momentum
+
+    def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """(targets, sources) of the momentum update: teacher <- student, embed_t <- embed_s (and the
+        key attention <- atts_q with key_attention=ema)."""
+        teacher = dict(self._teacher_model.named_parameters())
+        student = dict(self._student_model.named_parameters())
+        targets, sources = [], []
+        for name, param in teacher.items():
+            source = student[name]
+            if name in self._classifier and self.class_inverse.numel():
+                source = source[self.class_inverse]
+            targets.append(param)
+            sources.append(source)
+        heads = [(self.embed_t, self.embed_s)]
+        if self.params.key_attention == "ema":
+            heads.append((self.atts_k, self.atts_q))
+        for target, source in heads:
+            targets += list(target.parameters())
+            sources += list(source.parameters())
+        return targets, sources
+
+    @torch.no_grad()
+    def momentum_update(self) -> None:
+        r""":math:`\theta_t \leftarrow \alpha\theta_t + (1-\alpha)\theta_s` over parameters, one fused op
+        (the code's ``ContrastTrainer.momentum_update``); buffers per ``teacher_buffers``."""
+        ema_update_(*self._ema_pairs(), self.current_momentum())
+        mode = self.params.teacher_buffers
+        if mode != "keep":
+            targets, sources = paired_buffers(self._teacher_model, self._student_model)
+            floats = [(t, s) for t, s in zip(targets, sources) if t.is_floating_point()]
+            others = [(t, s) for t, s in zip(targets, sources) if not t.is_floating_point()]
+            if mode == "ema":
+                ema_update_([t for t, _ in floats], [s for _, s in floats], self.current_momentum())
+            else:
+                copy_([t for t, _ in floats], [s for _, s in floats])
+            copy_([t for t, _ in others], [s for _, s in others])
+        self.ema_step += 1
+
+    # --------------------------------------------------------------- teacher side of a step
+    def teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
+        """The teacher's outputs for the shared KL term, then the momentum update and the key pass.
+
+        With the KL term on (and ``single_teacher_pass`` off) the logits come from a pass of the
+        teacher *before* this step's EMA update, as in the code; otherwise the key pass's outputs
+        (after the update) are returned and no separate logits pass runs."""
+        before_update = None
+        if self._separate_logits_pass:
+            bn_train = self.training and self.params.kl_teacher_bn == "train"
+            with torch.no_grad(), batchnorm_mode(teacher, training=bn_train):
+                before_update = teacher(images)
+        if self.training:
+            self.momentum_update()
+        keys, key_pass = self._key_pass(teacher, images)
+        self._pending_keys = keys
+        return before_update if before_update is not None else key_pass
+
+    def _key_pass(self, teacher: FeatureTap, images: torch.Tensor) -> tuple[torch.Tensor, TapOutputs]:
+        """L2-normalised keys ``embed_t(f_t)`` and the teacher's outputs, in the batch's order.
+        Teacher BatchNorm in train mode (the code's ``set_bn_train``) while training."""
+        with torch.no_grad(), batchnorm_mode(teacher, training=self.training):
+            out = self._shuffled_teacher_forward(teacher, images)
+            keys = self.embed_t(out.embedding)
+        return keys, out
+
+    def _bn_splits(self, batch_size: int) -> int:
+        if self.params.shuffle_bn == "none" or not self.training:
+            return 1
+        return max(1, min(self.params.bn_splits, batch_size // 2))  # BatchNorm needs 2+ samples per sub-batch
+
+    def _shuffled_teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
+        """Single-process stand-in for shuffle BN (MoCo sec. 3.3; the code's ``_shuffle_bn``): the batch
+        is randomly permuted and cut into sub-batches that the teacher normalises separately, so a
+        key's BatchNorm statistics come from other samples than its query's. Only the first
+        sub-batch updates the running statistics, as each GPU's own teacher does in the code.
+        Returns pooled features in ``embedding`` and logits, un-shuffled. A multi-process version
+        overrides this method (all_gather the images, shuffle across ranks)."""
+        splits = self._bn_splits(images.shape[0])
+        if splits == 1:
+            out = teacher(images)
+            return TapOutputs(logits=out.logits, embedding=pooled_features(teacher.model, out))
+        order = torch.randperm(images.shape[0], device=images.device)
+        pooled, logits = [], []
+        for i, chunk in enumerate(images[order].tensor_split(splits)):
+            with running_stats_frozen(teacher) if i else nullcontext():
+                out = teacher(chunk)
+            pooled.append(pooled_features(teacher.model, out))
+            logits.append(out.logits)
+        restore = torch.argsort(order)
+        return TapOutputs(logits=torch.cat(logits)[restore], embedding=torch.cat(pooled)[restore])
+
+    def _gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
+        """Keys of every process, for the queue (the code's ``all_k``). One process: its own."""
+        return keys
+
+    def _attend_keys(self, keys: torch.Tensor, all_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(positive keys, keys to enqueue) after the key attention. In the code both are detached
+        before use, so ``atts_k`` and ``atts_queue`` never learn (key_attention=frozen)."""
+        mode = self.params.key_attention
+        if mode == "trainable":
+            positive = self._attend(self.atts_k, keys)
+            with torch.no_grad():
+                enqueued = positive.detach() if all_keys is keys else self._attend(self.atts_k, all_keys)
+            return positive, enqueued
+        with torch.no_grad():
+            positive = self._attend(self.atts_k, keys)
+            if mode == "frozen":
+                return positive, self._attend(self.atts_queue, all_keys)
+            return positive, positive if all_keys is keys else self._attend(self.atts_k, all_keys)
+
+    def _attend(self, attention: BatchAttention, x: torch.Tensor) -> torch.Tensor:
+        """The batch attention as in the code, or with ``attention_residual`` x + attention(x)."""
+        return x + attention(x) if self.params.attention_residual else attention(x)
+
+    # --------------------------------------------------------------- the loss term
+    def forward(self, student: TapOutputs, teacher: TapOutputs | None, batch: Batch) -> dict[str, torch.Tensor]:
+        keys = self._pending_keys
+        self._pending_keys = None
+        if keys is None:  # called without teacher_forward (outside the task): do the teacher side now
+            self.teacher_forward(self._taps[1], batch.input)
+            keys, self._pending_keys = self._pending_keys, None
+        query = self._attend(self.atts_q, self.embed_s(pooled_features(self._student_model, student)))
+        positive, enqueued = self._attend_keys(keys, self._gather_keys(keys))
+        loss = infonce_loss(query, positive, self.queue.snapshot(), self.params.temperature)
+        if self.training:
+            self.queue.enqueue(enqueued)
+        return {"nce": loss}
+
+
+def _check_same_architecture(student: nn.Module, teacher: nn.Module) -> None:
+    """The teacher is an EMA of the student's weights, so both must have the same layers."""
+    skip_s, skip_t = _classifier_names(student), _classifier_names(teacher)
+    shapes_s = {n: tuple(p.shape) for n, p in student.named_parameters() if n not in skip_s}
+    shapes_t = {n: tuple(p.shape) for n, p in teacher.named_parameters() if n not in skip_t}
+    if type(student) is not type(teacher) or shapes_s != shapes_t:
+        raise ConfigError(
+            f"distill.method 'moma' needs a teacher of the student's architecture, because the teacher becomes a "
+            f"momentum (EMA) average of the student's weights (teacher: {_arch_name(teacher)}, student: "
+            f"{_arch_name(student)}); set model.arch={_arch_name(teacher)} or choose another method"
+        )
+
+
+def _match_teacher_classifier(teacher: nn.Module, num_classes: int) -> None:
+    """Other label set: the teacher gets a fresh classifier of the student's shape, as in the code
+    (teacher built with the student's class count, ``--tec_strict`` dropping its classifier)."""
+    device = next(teacher.parameters()).device
+    teacher.reset_classifier(num_classes)
+    teacher.get_classifier().to(device)
+    teacher.get_classifier().train(teacher.training)
+    log.info("moma: teacher classes differ from the data's: the momentum teacher's classifier is re-initialised "
+             "with %d classes (it becomes an EMA of the student's; its logits are not used)", num_classes)

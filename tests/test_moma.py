@@ -1,0 +1,311 @@
+"""MoMA as a method: built by the builder, one step at a time, and through the trainer (resume)."""
+
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from moma.config import IMAGENET_MEAN, IMAGENET_STD
+from moma.distill import get_method
+from moma.distill.base import Batch
+from moma.distill.moma import batchnorm_mode
+from moma.engine import trainer as trainer_module
+from moma.engine.builder import build_task
+from moma.engine.checkpoint import ModelMetadata, load_training_state, save_model_checkpoint
+from moma.engine.trainer import run_training
+from moma.errors import ConfigError
+from moma.models.backbone import create_backbone
+
+CLASSES = ["immune", "stroma", "tumour"]  # the tile_folder fixture's classes, sorted
+
+
+def save_teacher(path, classes=CLASSES, arch="test_resnet", seed=0):
+    torch.manual_seed(seed)
+    model = create_backbone(arch, len(classes))
+    meta = ModelMetadata(arch, list(classes), 32, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    save_model_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+@pytest.fixture
+def build(tmp_path, tile_folder, make_config):
+    def factory(teacher_classes=CLASSES, teacher_arch="test_resnet", **params):
+        teacher = save_teacher(tmp_path / "teacher.safetensors", teacher_classes, teacher_arch)
+        cfg = make_config(tile_folder, distill={"method": "moma", "teacher": str(teacher),
+                                                "params": {"queue_size": 32, **params}})
+        torch.manual_seed(1)
+        task, _ = build_task(cfg, CLASSES, 36, torch.device("cpu"))
+        task.train()
+        return task
+
+    return factory
+
+
+def batch_of(n=8, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    return Batch(torch.randn(n, 3, 32, 32, generator=generator), torch.arange(n) % 3, torch.arange(n))
+
+
+def count_calls(module):
+    calls = {"n": 0}
+    module.register_forward_hook(lambda *_: calls.__setitem__("n", calls["n"] + 1))
+    return calls
+
+
+def perturb(module, seed=5):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator))
+
+
+def test_class_attributes_and_default_weights(build):
+    cls = get_method("moma")
+    assert cls.requires_same_architecture and cls.teacher_is_updated and not cls.logit_based
+    assert (cls.default_ce_weight, cls.default_kl_weight) == (1.0, 1.0)
+    task = build()
+    assert task.loss_weights() == {"ce": 1.0, "kl": 1.0, "nce": 1.0}
+    params = task.method.params
+    assert (params.momentum, params.temperature, params.feat_dim, params.num_heads) == (0.999, 0.15, 512, 4)
+    assert cls.Params().queue_size == 16384
+
+
+def test_another_architecture_is_a_config_error(build):
+    with pytest.raises(ConfigError, match="architecture"):
+        build(teacher_arch="test_efficientnet")
+
+
+def test_state_dict_holds_method_state_once(build):
+    task = build()
+    owners = {k.split(".")[1] for k in task.state_dict() if k.startswith("method.")}
+    assert owners == {"embed_s", "embed_t", "atts_q", "atts_k", "atts_queue", "queue", "ema_step"}
+    assert any(k.startswith("teacher.") for k in task.state_dict())  # the EMA teacher is saved with the task
+
+
+def test_kl_is_off_and_one_teacher_pass_when_label_sets_differ(build, caplog):
+    caplog.set_level("INFO")
+    task = build(teacher_classes=["benign", "malignant"], shuffle_bn="none")
+    assert task.kl_weight == 0.0
+    assert "label sets" in caplog.text and "KL" in caplog.text
+    assert task.teacher.model.get_classifier().out_features == 3  # a student-shaped momentum classifier
+    calls = count_calls(task.teacher)
+    out = task(batch_of())
+    assert set(out["terms"]) == {"ce", "nce"}
+    assert calls["n"] == 1  # the key pass only
+
+
+def test_kl_logits_come_from_the_teacher_before_the_update(build):
+    task = build(kl_teacher_bn="eval", shuffle_bn="none", momentum=0.9)
+    student, teacher = task.student.model, task.teacher.model
+    perturb(student)
+    before = copy.deepcopy(teacher).eval()
+    student_weights = {k: v.clone() for k, v in student.named_parameters()}
+    x = batch_of().input
+    with torch.no_grad():
+        expected = before(x)
+    calls = count_calls(task.teacher)
+    out = task.method.teacher_forward(task.teacher, x)
+    torch.testing.assert_close(out.logits, expected)
+    assert calls["n"] == 2  # logits pass, then the key pass
+    for name, param in teacher.named_parameters():  # ... and the teacher was updated in between
+        torch.testing.assert_close(param, 0.9 * dict(before.named_parameters())[name] + 0.1 * student_weights[name])
+    assert "kl" in task(batch_of())["terms"]
+
+
+def test_single_teacher_pass_takes_kl_logits_after_the_update(build):
+    task = build(single_teacher_pass=True, shuffle_bn="none")
+    perturb(task.student.model)
+    calls = count_calls(task.teacher)
+    x = batch_of().input
+    out = task.method.teacher_forward(task.teacher, x)
+    assert calls["n"] == 1
+    with torch.no_grad(), batchnorm_mode(task.teacher, training=True):
+        updated = task.teacher(x).logits
+    torch.testing.assert_close(out.logits, updated)
+    assert {"ce", "kl", "nce"} <= set(task(batch_of())["terms"])
+
+
+def test_momentum_update_of_teacher_and_head_by_hand(build):
+    task = build(momentum=0.9)
+    method, student, teacher = task.method, task.student.model, task.teacher.model
+    with torch.no_grad():
+        for p in teacher.parameters():
+            p.fill_(1.0)
+        for p in student.parameters():
+            p.fill_(3.0)
+        for p in method.embed_t.parameters():
+            p.fill_(0.0)
+        for p in method.embed_s.parameters():
+            p.fill_(-2.0)
+    method.momentum_update()
+    for p in teacher.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, 1.2))  # 0.9 * 1 + 0.1 * 3
+    for p in method.embed_t.parameters():
+        torch.testing.assert_close(p, torch.full_like(p, -0.2))  # 0.9 * 0 + 0.1 * -2
+    assert int(method.ema_step) == 1
+
+
+@pytest.mark.parametrize("mode, expected", [("keep", 0.0), ("copy", 5.0), ("ema", 0.5)])
+def test_teacher_buffers_are_not_averaged_by_default(build, mode, expected):
+    task = build(momentum=0.9, teacher_buffers=mode)
+    student_bn = [m for m in task.student.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    teacher_bn = [m for m in task.teacher.model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for s, t in zip(student_bn, teacher_bn):
+        s.running_mean.fill_(5.0)
+        t.running_mean.fill_(0.0)
+    task.method.momentum_update()
+    for t in teacher_bn:
+        torch.testing.assert_close(t.running_mean, torch.full_like(t.running_mean, expected))
+
+
+def test_teacher_classifier_follows_the_student_class_order(build):
+    task = build(teacher_classes=["tumour", "immune", "stroma"], momentum=0.0)
+    order = [1, 2, 0]  # teacher row of immune, stroma, tumour
+    perturb(task.student.model)
+    task.method.momentum_update()
+    student_fc, teacher_fc = task.student.model.get_classifier(), task.teacher.model.get_classifier()
+    torch.testing.assert_close(teacher_fc.weight[order], student_fc.weight)
+    torch.testing.assert_close(teacher_fc.bias[order], student_fc.bias)
+
+
+def test_only_student_head_and_query_attention_get_gradients(build):
+    task = build()
+    out = task(batch_of())
+    out["loss"].backward()
+    method = task.method
+    for p in task.teacher.parameters():
+        assert not p.requires_grad and p.grad is None
+    for module in (method.embed_t, method.atts_k, method.atts_queue):
+        assert all(not p.requires_grad and p.grad is None for p in module.parameters())
+    for module in (method.embed_s, method.atts_q, task.student):
+        assert all(p.grad is not None for p in module.parameters())
+    frozen = {id(p) for m in (task.teacher, method.embed_t, method.atts_k, method.atts_queue) for p in m.parameters()}
+    assert not frozen & {id(p) for p in task.trainable_parameters()}
+
+
+def test_key_attention_options(build):
+    ema = build(key_attention="ema").method
+    assert not hasattr(ema, "atts_queue")
+    for a, b in zip(ema.atts_k.parameters(), ema.atts_q.parameters()):
+        assert torch.equal(a, b) and not a.requires_grad
+    task = build(key_attention="trainable")
+    task(batch_of())["loss"].backward()
+    assert all(p.grad is not None for p in task.method.atts_k.parameters())
+
+
+def test_split_bn_key_pass_normalises_sub_batches_and_updates_running_stats_once(build):
+    task = build(teacher_classes=["benign", "malignant"], bn_splits=2)
+    teacher, method = task.teacher, task.method
+    first_bn = next(m for m in teacher.model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    x = batch_of(8).input
+    tracked = int(first_bn.num_batches_tracked)
+    torch.manual_seed(123)
+    method.teacher_forward(teacher, x)
+    assert int(first_bn.num_batches_tracked) == tracked + 1
+    torch.manual_seed(7)
+    with torch.no_grad(), batchnorm_mode(teacher, training=True):
+        split = method._shuffled_teacher_forward(teacher, x).logits
+        torch.manual_seed(7)
+        order = torch.randperm(8)
+        by_hand = torch.cat([teacher(x[order][:4]).logits, teacher(x[order][4:]).logits])[torch.argsort(order)]
+        whole = teacher(x).logits
+    torch.testing.assert_close(split, by_hand)
+    assert not torch.allclose(split, whole, atol=1e-4)
+
+
+def test_eval_mode_changes_no_state(build):
+    task = build()
+    task.eval()
+    teacher_before = {k: v.clone() for k, v in task.teacher.state_dict().items()}
+    out = task(batch_of())
+    assert torch.isfinite(out["terms"]["nce"])
+    assert int(task.method.queue.ptr) == 0 and int(task.method.ema_step) == 0
+    for k, v in task.teacher.state_dict().items():
+        assert torch.equal(v, teacher_before[k]), k
+
+
+def test_step_under_bf16_autocast(build):
+    task = build()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = task(batch_of(4))
+    assert out["terms"]["nce"].dtype == torch.float32 and torch.isfinite(out["loss"])
+    out["loss"].backward()
+    assert task.method.queue.keys.dtype == torch.float32 and int(task.method.queue.ptr) == 4
+
+
+def test_distillation_loss_goes_down_on_a_fixed_batch(build):
+    task = build(queue_size=64, single_teacher_pass=True, shuffle_bn="none")  # one teacher pass per step: faster
+    torch.manual_seed(0)
+    colours = torch.tensor([[1.5, -1.0, 0.5], [-1.0, 1.5, -0.5], [0.0, -0.5, 1.5]])
+    targets = torch.arange(6) % 3
+    images = colours[targets][:, :, None, None] + 0.3 * torch.randn(6, 3, 32, 32)
+    batch = Batch(images, targets, torch.arange(6))
+    optimizer = torch.optim.SGD(task.trainable_parameters(), lr=0.05, momentum=0.9)
+    losses, nce = [], []
+    for _ in range(30):
+        out = task(batch)
+        optimizer.zero_grad()
+        out["loss"].backward()
+        optimizer.step()
+        losses.append(float(out["loss"].detach()))
+        nce.append(float(out["terms"]["nce"]))
+    assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
+    assert sum(nce[-3:]) < 0.5 * sum(nce[:3])
+    assert int(task.method.queue.ptr) == (30 * 6) % 64 and int(task.method.ema_step) == 30
+
+
+def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder, make_config, monkeypatch):
+    teacher = save_teacher(tmp_path / "teacher.safetensors")
+    cfg = make_config(tile_folder, optim={"epochs": 2, "batch_size": 12},
+                      distill={"method": "moma", "teacher": str(teacher), "params": {"queue_size": 20}})
+    reference = run_training(cfg)["run_dir"]
+
+    original_step = trainer_module.Trainer._step
+
+    def interrupted_step(self, batch, epoch, step):
+        if epoch == 1 and step == 1:  # in the middle of the second epoch
+            raise KeyboardInterrupt
+        return original_step(self, batch, epoch, step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", original_step)
+    interrupted = f"{cfg.run.output_dir}/t-2"
+    assert run_training(cfg, resume_dir=interrupted)["run_dir"] == interrupted
+
+    for name in ("last.safetensors", "best.safetensors"):
+        a, b = load_file(f"{reference}/{name}"), load_file(f"{interrupted}/{name}")
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+    a, b = load_training_state(f"{reference}/state.pt")["task"], load_training_state(f"{interrupted}/state.pt")["task"]
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+    assert int(a["method.ema_step"]) >= 4  # one momentum update per step, restored with the task
+    teacher_keys = [k for k in a if k.startswith("teacher.")]
+    initial = load_file(str(teacher))
+    assert any(not torch.equal(a[k], initial[k.removeprefix("teacher.model.")]) for k in teacher_keys
+               if k.removeprefix("teacher.model.") in initial)
+
+
+def test_attention_residual_option(build):
+    task = build(attention_residual=True)
+    method = task.method
+    x = torch.nn.functional.normalize(torch.randn(6, 512), dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(method._attend(method.atts_q, x), x + method.atts_q(x))
+    assert build().method.params.attention_residual is False
+
+
+def test_cosine_momentum_schedule_follows_the_step_counter(build):
+    method = build(momentum=0.9, momentum_schedule="cosine", momentum_steps=4).method
+    assert method.current_momentum() == pytest.approx(0.9)
+    method.momentum_update()
+    method.momentum_update()
+    assert method.current_momentum() == pytest.approx(0.95)  # 1 - 0.1 * (cos(pi / 2) + 1) / 2
+    with pytest.raises(ConfigError, match="momentum_steps"):
+        get_method("moma").parse_params({"momentum_schedule": "cosine"})
+    with pytest.raises(ConfigError, match="divisible"):
+        get_method("moma").parse_params({"feat_dim": 130})
