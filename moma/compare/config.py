@@ -1,0 +1,268 @@
+"""The compare config: one YAML file describes the paper's whole experiment.
+
+::
+
+    name: smoke                       # folder runs/compare/<name>
+    base: {...}                       # a training config (moma.config.Config) shared by every run
+    teachers:                         # trained once per compare folder, or an existing checkpoint
+      lung: {data: {source: data/demo/lc25000_lung}}
+      glas: {data: {source: data/demo/glas_colon}, holdout: 0.5}
+      imagenet: {checkpoint: weights/effnet_b0.safetensors}
+    settings:                         # transfer settings: a teacher and a target data set
+      relevant: {teacher: lung, data: {source: data/demo/glas_colon}}
+    methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, temperature}
+    folds: 2                          # grouped k-fold on the target's patients
+    seeds: [0]
+
+Layering of one cell's training config: ``base`` <- the setting's sections <- the method's
+distillation keys <- the grid (seed, fold, method, teacher). Every section forbids unknown keys, and
+the keys the grid sets cannot be set by hand (no silent overrides). A method entry may only change
+the distillation section, so within a setting only the method differs between runs.
+
+A teacher with ``holdout`` is trained on a seeded, patient-grouped part of its data; every setting
+that uses it on the same data source trains and tests its students on the other patients only (the
+paper's same-task setting with a teacher the student never saw).
+"""
+
+from __future__ import annotations
+
+import copy
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from moma.config import apply_override, build_config, parse_override, read_yaml
+from moma.errors import ConfigError
+
+SECTIONS = ("run", "data", "augment", "model", "optim", "train", "distill")
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+# Keys the grid sets for every run; setting them in the config would be silently ignored.
+GRID_KEYS = {
+    ("run", "seed"): "seeds",
+    ("data", "num_folds"): "folds",
+    ("data", "fold"): "folds",
+    ("data", "split_seed"): "split_seed",
+    ("distill", "method"): "methods",
+    ("distill", "teacher"): "a setting's teacher",
+}
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SectionOverrides(Strict):
+    """Partial training-config sections, merged over ``base``."""
+
+    run: dict[str, Any] = Field(default_factory=dict)
+    data: dict[str, Any] = Field(default_factory=dict)
+    augment: dict[str, Any] = Field(default_factory=dict)
+    model: dict[str, Any] = Field(default_factory=dict)
+    optim: dict[str, Any] = Field(default_factory=dict)
+    train: dict[str, Any] = Field(default_factory=dict)
+    distill: dict[str, Any] = Field(default_factory=dict)
+
+    def sections(self) -> dict[str, dict[str, Any]]:
+        return {name: getattr(self, name) for name in SECTIONS if getattr(self, name)}
+
+
+class TeacherSpec(SectionOverrides):
+    checkpoint: str | None = Field(None, description="an existing teacher (.safetensors or run folder): nothing is trained")
+    holdout: float | None = Field(None, gt=0.0, lt=1.0,
+                                  description="train on this fraction of the data's patients; students get the rest")
+    holdout_seed: int = 0
+
+    @model_validator(mode="after")
+    def _checkpoint_or_training(self) -> "TeacherSpec":
+        if self.checkpoint and (self.sections() or self.holdout is not None):
+            raise ValueError("a teacher is either 'checkpoint: <file>' or training overrides, not both")
+        if self.distill:
+            raise ValueError("teachers are trained without distillation: remove their 'distill' section")
+        return self
+
+
+class ExternalTest(Strict):
+    source: str = Field(description="labelled tiles (folder or manifest) with the target's classes")
+    mpp: float | None = Field(None, gt=0)
+    batch_size: int = Field(128, ge=1)
+
+
+class SettingSpec(SectionOverrides):
+    teacher: str | None = Field(None, description="a name under teachers; none = students without a teacher")
+    description: str = ""
+    methods: list[str] | None = Field(None, description="run only these of the compare's methods here")
+    external_test: ExternalTest | None = None
+
+
+class MethodSpec(Strict):
+    """A method entry; only the distillation section may differ between the methods of a setting."""
+
+    method: str | None = Field(None, description="registered method name; default: the entry's name")
+    params: dict[str, Any] = Field(default_factory=dict)
+    ce_weight: float | None = Field(None, ge=0.0)
+    kl_weight: float | None = Field(None, ge=0.0)
+    temperature: float | None = Field(None, gt=0.0)
+
+    def distill_overrides(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"params": self.params} if self.params else {}
+        for key in ("ce_weight", "kl_weight", "temperature"):
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+class CompareConfig(Strict):
+    name: str = "compare"
+    output_dir: str = "runs/compare"
+    base: dict[str, Any] = Field(default_factory=dict)
+    teachers: dict[str, TeacherSpec] = Field(default_factory=dict)
+    settings: dict[str, SettingSpec]
+    methods: dict[str, MethodSpec]
+    baseline: str | None = Field("none", description="the method every other one is compared with, pairwise "
+                                 "(null: no pairwise comparison)")
+    folds: int = Field(2, ge=1, description="K of the grouped k-fold; 1 = one train/val/test split")
+    seeds: list[int] = Field(default_factory=lambda: [0])
+    split_seed: int = Field(0, description="seed of the fold assignment: the same folds for every method and seed")
+    keep_training_state: bool = Field(False, description="keep state.pt of finished runs (only needed to resume an "
+                                      "unfinished run; the largest file of a run folder)")
+
+    @field_validator("methods", mode="before")
+    @classmethod
+    def _list_of_names(cls, value: Any) -> Any:
+        return methods_as_mapping(value)
+
+    @field_validator("seeds")
+    @classmethod
+    def _distinct_seeds(cls, value: list[int]) -> list[int]:
+        if not value or len(set(value)) != len(value):
+            raise ValueError("seeds must be a non-empty list of distinct integers")
+        return value
+
+    @model_validator(mode="after")
+    def _names_and_references(self) -> "CompareConfig":
+        if not self.settings or not self.methods:
+            raise ValueError("needs at least one setting and one method")
+        for kind, names in (("name", [self.name]), ("teacher", self.teachers), ("setting", self.settings),
+                            ("method", self.methods)):
+            for name in names:
+                if not NAME_PATTERN.match(name):
+                    raise ValueError(f"{kind} name {name!r}: use letters, digits, '_', '-', '.' (it names a folder)")
+        for name, setting in self.settings.items():
+            if setting.teacher is not None and setting.teacher not in self.teachers:
+                raise ValueError(f"settings.{name}.teacher: '{setting.teacher}' is not under teachers "
+                                 f"({', '.join(self.teachers) or 'none defined'})")
+            unknown = [m for m in setting.methods or [] if m not in self.methods]
+            if unknown:
+                raise ValueError(f"settings.{name}.methods: {', '.join(unknown)} not under methods")
+        return self
+
+    # ------------------------------------------------------------------ derived
+    def registered_name(self, label: str) -> str:
+        return (self.methods[label].method or label).lower()
+
+    def methods_of(self, setting: str) -> list[str]:
+        chosen = self.settings[setting].methods
+        return [m for m in self.methods if chosen is None or m in chosen]
+
+    def training_tree(self, *layers: dict[str, Any]) -> dict[str, Any]:
+        """``base`` with the given partial configs merged over it, in order."""
+        tree = copy.deepcopy(self.base)
+        for layer in layers:
+            deep_merge(tree, layer)
+        return tree
+
+
+def methods_as_mapping(value: Any) -> Any:
+    """``[none, kd]`` -> ``{none: {}, kd: {}}``; a mapping with empty entries is kept as is."""
+    if isinstance(value, list):
+        if not all(isinstance(item, str) for item in value):
+            raise ValueError("methods: a list of method names, or a mapping name -> options")
+        if len(set(value)) != len(value):
+            raise ValueError("methods: a name is listed twice")
+        return {name: {} for name in value}
+    if isinstance(value, dict):
+        return {name: ({} if options is None else options) for name, options in value.items()}
+    return value
+
+
+def deep_merge(target: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
+    """Merge ``layer`` into ``target`` in place: mappings merge key by key, anything else replaces."""
+    for key, value in layer.items():
+        if isinstance(value, dict) and isinstance(target.get(key), dict):
+            deep_merge(target[key], value)
+        else:
+            target[key] = copy.deepcopy(value)
+    return target
+
+
+def _format_error(error: ValidationError, origin: str) -> str:
+    first = error.errors()[0]
+    key = ".".join(str(part) for part in first["loc"]) or "<root>"
+    if first["type"] == "extra_forbidden":
+        return f"{origin}: unknown compare key '{key}' (check its spelling)"
+    if first["type"] == "missing":
+        return f"{origin}: compare key '{key}' is required"
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and first["loc"] else ""
+    where = f"compare key '{key}': " if first["loc"] else ""
+    return f"{origin}: {where}{message}{shown}"
+
+
+def _check_grid_keys(tree: dict[str, Any], where: str, origin: str) -> None:
+    for (section, key), instead in GRID_KEYS.items():
+        if key in (tree.get(section) or {}):
+            raise ConfigError(f"{origin}: {where}{section}.{key} is set by the grid; use '{instead}' instead")
+
+
+def _check_training_configs(cfg: CompareConfig, origin: str) -> None:
+    """Validate every merged training config now, so a typo fails before hours of training."""
+    from moma.distill import get_method
+
+    _check_grid_keys(cfg.base, "base.", origin)
+    build_config(cfg.training_tree(), f"{origin}: base")
+    for name, teacher in cfg.teachers.items():
+        if not teacher.checkpoint:
+            build_config(cfg.training_tree(teacher.sections()), f"{origin}: teachers.{name}")
+    for name, setting in cfg.settings.items():
+        _check_grid_keys(setting.sections(), f"settings.{name}.", origin)
+        build_config(cfg.training_tree(setting.sections()), f"{origin}: settings.{name}")
+    for label, spec in cfg.methods.items():
+        try:
+            method_cls = get_method(cfg.registered_name(label))
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: methods.{label}: {exc}") from None
+        try:
+            method_cls.parse_params(spec.params)
+        except ConfigError as exc:
+            raise ConfigError(f"{origin}: methods.{label}: {exc}") from None
+    if cfg.baseline is not None and cfg.baseline not in cfg.methods:
+        raise ConfigError(f"{origin}: baseline '{cfg.baseline}' is not under methods ({', '.join(cfg.methods)}); "
+                          "add it or set baseline: null")
+
+
+def build_compare_config(tree: dict[str, Any], origin: str = "compare config") -> CompareConfig:
+    try:
+        cfg = CompareConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_format_error(exc, origin)) from None
+    _check_training_configs(cfg, origin)
+    return cfg
+
+
+def load_compare_config(path: str | Path, overrides: list[str] | None = None) -> CompareConfig:
+    """YAML file <- ``key=value`` overrides (dotted keys, e.g. ``base.optim.epochs=3``), validated."""
+    tree = read_yaml(path)
+    if "methods" in tree:
+        try:
+            tree["methods"] = methods_as_mapping(tree["methods"])
+        except ValueError as exc:
+            raise ConfigError(f"{path}: {exc}") from None
+    for text in overrides or []:
+        key_path, value = parse_override(text)
+        apply_override(tree, key_path, value)
+    origin = str(path) + (" + --set" if overrides else "")
+    return build_compare_config(tree, origin)

@@ -1,0 +1,446 @@
+"""The report of a grid: ``summary.csv``, ``summary.md``, PNG plots and a self-contained
+``report.html`` (tables and the plots embedded as base64, so the one file can be mailed or
+archived). The tables are built once and rendered to Markdown and HTML alike."""
+
+from __future__ import annotations
+
+import base64
+import html
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
+
+from moma.compare.config import CompareConfig  # noqa: E402
+from moma.compare.results import COST_COLUMNS  # noqa: E402
+from moma.config import build_config  # noqa: E402
+from moma.compare.stats import (  # noqa: E402
+    METRICS,
+    add_ranks,
+    average_ranks,
+    compare_with_baseline,
+    summarize,
+    verdict,
+)
+from moma.engine.io import atomic_path, atomic_write_text  # noqa: E402
+from moma.engine.plots import plot_confusion  # noqa: E402
+
+LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "kappa": "kappa", "qwk": "QWK", "auc": "AUC"}
+TABLE_METRICS = ("accuracy", "macro_f1", "kappa")
+RANK_BY = "macro_f1_mean"
+PAIRED_COLUMNS = ["best_macro_f1", "best_accuracy"]
+
+
+# ---------------------------------------------------------------------- tables
+@dataclass
+class Table:
+    headers: list[str]
+    rows: list[list[tuple[str, bool]]]  # (text, bold)
+    title: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _fmt(value: float, digits: int = 3) -> str:
+    return "—" if value is None or not np.isfinite(value) else f"{value:.{digits}f}"
+
+
+def _mean_std(mean: float, std: float) -> str:
+    if not np.isfinite(mean):
+        return "—"
+    return f"{mean:.3f}" if not np.isfinite(std) else f"{mean:.3f} ± {std:.3f}"
+
+
+def _p(value: float) -> str:
+    return "—" if not np.isfinite(value) else f"{value:.2g}"
+
+
+def _ci(mean: float, low: float, high: float) -> str:
+    if not np.isfinite(mean):
+        return "—"
+    if not np.isfinite(low):
+        return f"{mean:+.3f}"
+    return f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
+def _best_flags(values: pd.Series, higher: bool = True) -> list[bool]:
+    finite = values[np.isfinite(values.to_numpy(dtype=float))]
+    if finite.empty:
+        return [False] * len(values)
+    target = finite.max() if higher else finite.min()
+    return [bool(np.isfinite(v) and np.isclose(v, target)) for v in values.to_numpy(dtype=float)]
+
+
+def _status_counts(results: pd.DataFrame, setting: str, method: str) -> tuple[int, int, int, str]:
+    rows = results[(results["setting"] == setting) & (results["method"] == method)]
+    counts = rows["status"].value_counts()
+    note = rows.loc[rows["status"] == "not_applicable", "message"]
+    return int(counts.get("done", 0)), int(counts.get("failed", 0)), len(rows), note.iloc[0] if len(note) else ""
+
+
+def metrics_table(results: pd.DataFrame, ranked: pd.DataFrame, setting: str) -> Table:
+    part = ranked[ranked["setting"] == setting].reset_index(drop=True)
+    flags = {m: _best_flags(part[f"{m}_mean"]) for m in TABLE_METRICS}
+    rank_flags = _best_flags(part["rank"], higher=False)
+    rows, notes = [], []
+    for i, row in part.iterrows():
+        done, failed, total, na = _status_counts(results, setting, row["method"])
+        if na:
+            rows.append([(row["method"], False), ("n/a", False)] + [("n/a", False)] * len(TABLE_METRICS) + [("—", False)])
+            notes.append(f"{row['method']}: not applicable — {na}")
+            continue
+        runs = f"{done}/{total}" + (f" ({failed} failed)" if failed else "")
+        cells = [(_mean_std(row[f"{m}_mean"], row[f"{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
+        rank = "—" if not np.isfinite(row["rank"]) else f"{row['rank']:g}"
+        rows.append([(row["method"], False), (runs, False)] + cells + [(rank, rank_flags[i])])
+    headers = ["method", "runs"] + [LABELS[m] for m in TABLE_METRICS] + ["rank (macro F1)"]
+    return Table(headers, rows, notes=notes)
+
+
+def average_rank_table(ranked: pd.DataFrame) -> Table:
+    table = average_ranks(ranked)
+    flags = _best_flags(table["average_rank"], higher=False)
+    rows = [[(r.method, False), (f"{r.average_rank:.2f}", flags[i]), (str(r.settings), False)]
+            for i, r in enumerate(table.itertuples())]
+    return Table(["method", "average rank", "settings ranked in"], rows,
+                 title="Average rank over settings (by mean macro F1; 1 = best)")
+
+
+def paired_table(paired: pd.DataFrame, setting: str) -> Table:
+    part = paired[paired["setting"] == setting]
+    rows = []
+    for r in part.to_dict("records"):
+        rows.append([
+            (r["method"], False), (str(r["pairs"]), False),
+            (_ci(r["delta_best_macro_f1"], r["delta_best_macro_f1_ci_low"], r["delta_best_macro_f1_ci_high"]), False),
+            (_p(r["delta_best_macro_f1_p"]), False),
+            (_ci(r["delta_best_accuracy"], r["delta_best_accuracy_ci_low"], r["delta_best_accuracy_ci_high"]), False),
+            (_p(r["delta_best_accuracy_p"]), False),
+        ])
+    return Table(["method", "pairs", "Δ macro F1 [95% CI]", "Wilcoxon p", "Δ accuracy [95% CI]", "Wilcoxon p"], rows)
+
+
+def plain_words(paired: pd.DataFrame, setting: str, baseline: str) -> str:
+    """One sentence per setting; 'beats' only where the 95% CI of the paired difference excludes 0."""
+    part = paired[paired["setting"] == setting]
+    clauses = []
+    for r in part.to_dict("records"):
+        words = verdict(r["delta_best_macro_f1_ci_low"], r["delta_best_macro_f1_ci_high"], r["pairs"])
+        if r["pairs"] == 0:
+            continue
+        detail = f"macro F1 {r['delta_best_macro_f1']:+.3f}"
+        if np.isfinite(r["delta_best_macro_f1_ci_low"]):
+            detail += (f", 95% CI {r['delta_best_macro_f1_ci_low']:+.3f} to {r['delta_best_macro_f1_ci_high']:+.3f}, "
+                       f"Wilcoxon p = {_p(r['delta_best_macro_f1_p'])}")
+        clauses.append(f"{r['method']} {words} {baseline} ({detail}, {r['pairs']} paired runs)")
+    return f"{setting}: " + ("; ".join(clauses) if clauses else f"no method has paired runs with {baseline} yet") + "."
+
+
+def _on_gpu(results: pd.DataFrame, setting: str, method: str) -> bool:
+    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == "done")]
+    return "device" in rows and len(rows) > 0 and rows["device"].astype(str).str.startswith("cuda").all()
+
+
+def cost_table(summary: pd.DataFrame, results: pd.DataFrame, setting: str) -> Table:
+    part = summary[(summary["setting"] == setting) & (summary["n"] > 0)]
+    rows = []
+    for r in part.to_dict("records"):
+        memory = _fmt(r["peak_memory_mb_mean"], 0) if _on_gpu(results, setting, r["method"]) else "—"
+        rows.append([(r["method"], False), (_fmt(r["train_seconds_mean"], 1), False),
+                     (_fmt(r["images_per_second_mean"], 1), False), (_fmt(r["data_wait_ms_mean"], 1), False),
+                     (_fmt(r["forward_backward_ms_mean"], 1), False), (_fmt(r["distill_extras_ms_mean"], 1), False),
+                     (memory, False), (_fmt(r["extra_parameters_mean"], 0), False)])
+    return Table(["method", "train s", "images/s", "data wait ms/step", "fwd+bwd ms/step", "distill extras ms/step",
+                  "peak GPU memory MB", "extra parameters"], rows)
+
+
+def external_table(summary: pd.DataFrame, setting: str) -> Table:
+    part = summary[(summary["setting"] == setting) & (summary["n"] > 0)].reset_index(drop=True)
+    flags = {m: _best_flags(part[f"ext_{m}_mean"]) for m in TABLE_METRICS}
+    rows = [[(r["method"], False)] + [(_mean_std(r[f"ext_{m}_mean"], r[f"ext_{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
+            for i, r in part.iterrows()]
+    return Table(["method"] + [LABELS[m] for m in TABLE_METRICS], rows)
+
+
+def failure_table(results: pd.DataFrame) -> Table:
+    bad = results[(results["status"] == "failed") | ((results["status"] == "done") & (results["message"] != ""))]
+    rows = [[(f"{r.setting}/{r.method}/fold{r.fold}-seed{r.seed}", False), (r.status, False), (r.message, False)]
+            for r in bad.itertuples()]
+    return Table(["cell", "status", "message"], rows)
+
+
+def to_markdown(table: Table) -> str:
+    def cell(text: str, bold: bool) -> str:
+        text = text.replace("|", "\\|")
+        return f"**{text}**" if bold else text
+
+    lines = ([f"**{table.title}**", ""] if table.title else [])
+    lines.append("| " + " | ".join(table.headers) + " |")
+    lines.append("|" + "|".join("---" for _ in table.headers) + "|")
+    lines += ["| " + " | ".join(cell(t, b) for t, b in row) + " |" for row in table.rows]
+    if table.notes:
+        lines += [""] + [f"- {note}" for note in table.notes]
+    return "\n".join(lines)
+
+
+def to_html(table: Table) -> str:
+    def cell(text: str, bold: bool) -> str:
+        text = html.escape(text)
+        return f"<td><strong>{text}</strong></td>" if bold else f"<td>{text}</td>"
+
+    parts = [f"<p><strong>{html.escape(table.title)}</strong></p>"] if table.title else []
+    parts.append("<table><thead><tr>" + "".join(f"<th>{html.escape(h)}</th>" for h in table.headers) + "</tr></thead><tbody>")
+    parts += ["<tr>" + "".join(cell(t, b) for t, b in row) + "</tr>" for row in table.rows]
+    parts.append("</tbody></table>")
+    if table.notes:
+        parts.append("<ul>" + "".join(f"<li>{html.escape(n)}</li>" for n in table.notes) + "</ul>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------------- plots
+def _save(fig, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
+    plt.close(fig)
+
+
+def _colours(methods: list[str]) -> dict[str, tuple]:
+    cmap = plt.get_cmap("tab10")
+    return {m: cmap(i % 10) for i, m in enumerate(methods)}
+
+
+def plot_bars(summary: pd.DataFrame, settings: list[str], methods: list[str], path: Path) -> None:
+    """Mean ± std of macro F1 and accuracy, one panel per setting."""
+    colours = _colours(methods)
+    fig, axes = plt.subplots(2, len(settings), figsize=(1.2 + 3.4 * len(settings), 6.4), squeeze=False, sharey="row")
+    for col, setting in enumerate(settings):
+        part = summary[summary["setting"] == setting].set_index("method").reindex(methods)
+        x = np.arange(len(methods))
+        for row, metric in enumerate(("macro_f1", "accuracy")):
+            ax = axes[row][col]
+            means = part[f"{metric}_mean"].to_numpy(dtype=float)
+            ax.bar(x, np.nan_to_num(means), yerr=part[f"{metric}_std"].fillna(0.0).to_numpy(), capsize=4,
+                   color=[colours[m] for m in methods])
+            for i in np.flatnonzero(~np.isfinite(means)):
+                ax.text(x[i], 0.02, "n/a", ha="center", va="bottom", fontsize=9, color="#666")
+            ax.set_xticks(x, methods, rotation=30, ha="right")
+            ax.set_ylim(0, 1.05)
+            ax.grid(axis="y", alpha=0.3)
+            if row == 0:
+                ax.set_title(setting)
+            if col == 0:
+                ax.set_ylabel(f"test {LABELS[metric]} (mean ± std)")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[str], path: Path) -> None:
+    """Test accuracy against training time, one point per finished cell."""
+    colours = _colours(methods)
+    markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
+    done = results[results["status"] == "done"]
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    for s_index, setting in enumerate(settings):
+        for method in methods:
+            part = done[(done["setting"] == setting) & (done["method"] == method)]
+            if len(part):
+                ax.scatter(part["train_seconds"], part["best_accuracy"], color=colours[method],
+                           marker=markers[s_index % len(markers)], alpha=0.8, label=f"{setting} / {method}")
+    ax.set_xlabel("training time per run (s)")
+    ax.set_ylabel("test accuracy (best-by-validation model)")
+    ax.grid(alpha=0.3)
+    if ax.has_data():
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+
+
+def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str) -> tuple[np.ndarray, list[str]] | None:
+    """The test confusion matrices of a method's finished cells, summed over folds x seeds."""
+    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == "done")]
+    total, names = None, None
+    for run_dir in rows["run_dir"]:
+        path = out / run_dir / "confusion_test_best.csv"
+        if not path.is_file():
+            continue
+        frame = pd.read_csv(path, index_col=0)
+        total = frame.to_numpy() if total is None else total + frame.to_numpy()
+        names = [c.removeprefix("pred_") for c in frame.columns]
+    return None if total is None else (total, names)
+
+
+# ---------------------------------------------------------------------- the report
+@dataclass
+class ReportContext:
+    cfg: CompareConfig
+    out: Path
+    command: str
+    date: str
+    machine: dict[str, str]
+    wall_seconds: float
+    trained: int
+    config_yaml: str
+
+
+def build_summary(cfg: CompareConfig, results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """The summary frame (one row per setting x method) and the paired comparison frame."""
+    columns = [f"best_{m}" for m in METRICS] + [f"last_{m}" for m in METRICS]
+    columns += [f"ext_{m}" for m in METRICS if f"ext_{m}" in results] + COST_COLUMNS
+    summary = summarize(results, columns)
+    summary.columns = [c.removeprefix("best_") for c in summary.columns]
+    ranked = add_ranks(summary, RANK_BY)
+    averages = average_ranks(ranked).rename(columns={"settings": "ranked_settings"})
+    ranked = ranked.merge(averages, on="method", how="left")
+    paired = compare_with_baseline(results, cfg.baseline, PAIRED_COLUMNS) if cfg.baseline else pd.DataFrame()
+    if len(paired):
+        ranked = ranked.merge(paired.drop(columns=["baseline"]), on=["setting", "method"], how="left")
+    return ranked, paired
+
+
+def _setting_heading(cfg: CompareConfig, setting: str) -> str:
+    spec = cfg.settings[setting]
+    teacher = f"teacher {spec.teacher}" if spec.teacher else "no teacher"
+    text = f"{setting} ({teacher})"
+    return text + (f" — {spec.description}" if spec.description else "")
+
+
+def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, paired: pd.DataFrame):
+    """(heading level, heading, list of Tables / str paragraphs) in report order."""
+    cfg = ctx.cfg
+    settings = list(cfg.settings)
+    runs = f"{cfg.folds} fold{'s' if cfg.folds > 1 else ''} x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
+    yield 2, "Test metrics", [
+        f"Test split of each fold, model with the best validation {build_config(cfg.base).train.select_metric}; "
+        f"mean ± std over {runs}; best value per column in bold; 'runs' = finished / planned cells."]
+    for setting in settings:
+        yield 3, _setting_heading(cfg, setting), [metrics_table(results, ranked, setting)]
+    yield 2, "Ranks", [average_rank_table(ranked)]
+    if cfg.baseline and len(paired):
+        yield 2, f"Paired comparison with the vanilla student ({cfg.baseline})", [
+            "Difference method − baseline on the same folds and seeds: mean with its 95% confidence interval "
+            "(t-distribution over the paired differences) and the two-sided Wilcoxon signed-rank p-value. "
+            "'beats' only where the interval excludes 0."]
+        for setting in settings:
+            if setting in set(paired["setting"]):
+                yield 3, setting, [paired_table(paired, setting), plain_words(paired, setting, cfg.baseline)]
+    if any(c.startswith("ext_") for c in results.columns):
+        yield 2, "External test", ["The same best-by-validation models on each setting's external data."]
+        for setting in settings:
+            if cfg.settings[setting].external_test is not None:
+                yield 3, f"{setting}: {cfg.settings[setting].external_test.source}", [external_table(ranked, setting)]
+    yield 2, "Cost", ["Means per run; step times from the training loop (data wait, forward + backward, the "
+                      "method's own extra work); peak GPU memory is CUDA's allocated peak of each run. CPU runs "
+                      "show no memory figure: they share the grid's process, whose peak RSS (in results.csv) is "
+                      "not any one run's."]
+    for setting in settings:
+        yield 3, setting, [cost_table(ranked, results, setting)]
+    failed = failure_table(results)
+    if failed.rows:
+        yield 2, "Failures", ["Every traceback is in the cell folder's error.txt; a re-run retries these cells.", failed]
+
+
+def _header_lines(ctx: ReportContext, results: pd.DataFrame) -> list[tuple[str, str]]:
+    counts = results["status"].value_counts()
+    status = ", ".join(f"{int(counts.get(s, 0))} {s.replace('_', ' ')}" for s in ("done", "failed", "not_applicable", "pending"))
+    machine = ctx.machine
+    return [
+        ("command", ctx.command),
+        ("date", ctx.date),
+        ("machine", f"{machine['platform']}; {machine['cpus']} CPUs; torch {machine['torch']}; device {machine['device']}"),
+        ("cells", f"{len(results)} ({status})"),
+        ("this invocation", f"{ctx.trained} runs trained in {ctx.wall_seconds:.0f} s wall time"),
+        ("folder", str(ctx.out)),
+    ]
+
+
+def render_markdown(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, paired: pd.DataFrame,
+                    images: list[tuple[str, Path]]) -> str:
+    lines = [f"# Comparison: {ctx.cfg.name}", ""]
+    lines += [f"- {key}: `{value}`" if key == "command" else f"- {key}: {value}" for key, value in _header_lines(ctx, results)]
+    for level, heading, blocks in _sections(ctx, results, ranked, paired):
+        lines += ["", "#" * level + " " + heading]
+        for block in blocks:
+            lines += ["", to_markdown(block) if isinstance(block, Table) else block]
+    lines += ["", "## Plots", ""] + [f"![{caption}]({path.relative_to(ctx.out).as_posix()})" for caption, path in images]
+    return "\n".join(lines).rstrip() + "\n"
+
+
+CSS = """
+body { font-family: system-ui, -apple-system, 'Segoe UI', sans-serif; margin: 2em auto; max-width: 1150px;
+       color: #222; padding: 0 1em; }
+table { border-collapse: collapse; margin: 0.6em 0 1.2em; font-size: 14px; }
+th, td { border: 1px solid #ccc; padding: 4px 9px; text-align: right; }
+th { background: #f0f3f7; } td:first-child, th:first-child { text-align: left; }
+dl { display: grid; grid-template-columns: max-content auto; gap: 2px 14px; font-size: 14px; }
+dt { font-weight: 600; } dd { margin: 0; } code, pre { background: #f6f8fa; }
+pre { padding: 0.8em; overflow-x: auto; font-size: 12px; }
+figure { display: inline-block; margin: 0.5em 1em 1em 0; vertical-align: top; }
+figure img { max-width: 100%; border: 1px solid #ddd; } figcaption { font-size: 13px; color: #555; }
+"""
+
+
+def _embedded(path: Path, caption: str) -> str:
+    data = base64.b64encode(path.read_bytes()).decode("ascii")
+    return (f'<figure><img alt="{html.escape(caption)}" src="data:image/png;base64,{data}">'
+            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+
+
+def render_html(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, paired: pd.DataFrame,
+                images: list[tuple[str, Path]]) -> str:
+    parts = [f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>Comparison: {html.escape(ctx.cfg.name)}"
+             f"</title><style>{CSS}</style></head><body>", f"<h1>Comparison: {html.escape(ctx.cfg.name)}</h1>", "<dl>"]
+    for key, value in _header_lines(ctx, results):
+        shown = f"<code>{html.escape(value)}</code>" if key == "command" else html.escape(value)
+        parts.append(f"<dt>{html.escape(key)}</dt><dd>{shown}</dd>")
+    parts.append("</dl>")
+    parts.append(f"<details><summary>compare config</summary><pre>{html.escape(ctx.config_yaml)}</pre></details>")
+    for level, heading, blocks in _sections(ctx, results, ranked, paired):
+        parts.append(f"<h{level}>{html.escape(heading)}</h{level}>")
+        for block in blocks:
+            parts.append(to_html(block) if isinstance(block, Table) else f"<p>{html.escape(block)}</p>")
+    parts.append("<h2>Plots</h2>")
+    parts += [_embedded(path, caption) for caption, path in images]
+    parts.append("</body></html>")
+    return "\n".join(parts) + "\n"
+
+
+def make_plots(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame) -> list[tuple[str, Path]]:
+    cfg, plots = ctx.cfg, ctx.out / "plots"
+    plots.mkdir(exist_ok=True)
+    settings, methods = list(cfg.settings), list(cfg.methods)
+    images = []
+    if (ranked["n"] > 0).any():
+        plot_bars(ranked, settings, methods, plots / "bars.png")
+        images.append(("test macro F1 and accuracy per setting (mean ± std over folds x seeds)", plots / "bars.png"))
+    for setting in settings:
+        part = ranked[(ranked["setting"] == setting) & (ranked["n"] > 0)]
+        if part.empty:
+            continue
+        best = part.sort_values(RANK_BY, ascending=False, kind="stable")["method"].iloc[0]
+        shown = [best] + ([cfg.baseline] if cfg.baseline and cfg.baseline != best and cfg.baseline in set(part["method"]) else [])
+        for method in shown:
+            summed = summed_confusion(ctx.out, results, setting, method)
+            if summed is None:
+                continue
+            role = "best method" if method == best else "vanilla student"
+            path = plots / f"confusion_{setting}_{method}.png"
+            plot_confusion(summed[0], summed[1], path, title=f"{setting}: {method} ({role})")
+            images.append((f"{setting}: test confusion matrix of {method} ({role}), summed over folds x seeds", path))
+    if (results["status"] == "done").any():
+        plot_time_scatter(results, methods, settings, plots / "accuracy_vs_time.png")
+        images.append(("test accuracy vs training time, one point per run", plots / "accuracy_vs_time.png"))
+    return images
+
+
+def write_report(ctx: ReportContext, results: pd.DataFrame) -> pd.DataFrame:
+    """Write summary.csv, summary.md, plots/ and report.html; returns the summary frame."""
+    ranked, paired = build_summary(ctx.cfg, results)
+    atomic_write_text(ctx.out / "summary.csv", ranked.to_csv(index=False, float_format="%.6g"))
+    images = make_plots(ctx, results, ranked)
+    atomic_write_text(ctx.out / "summary.md", render_markdown(ctx, results, ranked, paired, images))
+    atomic_write_text(ctx.out / "report.html", render_html(ctx, results, ranked, paired, images))
+    return ranked

@@ -1,0 +1,72 @@
+"""``results.csv``: one row per cell, read back from the cells' run folders (the source of truth,
+so a re-run reports every finished cell, not only the ones it trained)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pandas as pd
+
+from moma.compare.config import CompareConfig
+from moma.compare.grid import DONE, EXTERNAL_DIR, NOT_APPLICABLE, Cell, GridRun
+from moma.compare.stats import METRICS
+from moma.engine.runs import METRICS_NAME
+
+COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
+                "peak_memory_mb", "extra_parameters"]
+NAN = float("nan")
+
+
+def _test_metrics(results: dict, tag: str) -> dict[str, float]:
+    test = (results.get(tag) or {}).get("test") or {}
+    return {f"{tag}_{m}": float(test.get(m, NAN)) for m in METRICS}
+
+
+def _external_metrics(run_dir: Path) -> dict[str, float]:
+    path = run_dir / EXTERNAL_DIR / "metrics_eval.json"
+    metrics = json.loads(path.read_text()) if path.is_file() else {}
+    return {f"ext_{m}": float(metrics.get(m, NAN)) for m in METRICS}
+
+
+def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: str) -> dict:
+    run_dir = out / cell.rel_dir
+    metrics_path = run_dir / METRICS_NAME
+    if metrics_path.is_file() and status != NOT_APPLICABLE:
+        status = DONE
+    row = {"setting": cell.setting, "method": cell.method, "distill_method": cfg.registered_name(cell.method),
+           "teacher": cfg.settings[cell.setting].teacher or "", "fold": cell.fold, "seed": cell.seed,
+           "status": status, "best_epoch": math.nan, "epochs": math.nan}
+    results = json.loads(metrics_path.read_text()) if status == DONE else {}
+    row.update(best_epoch=results.get("best_epoch", NAN), epochs=results.get("epochs", NAN))
+    row.update(_test_metrics(results, "best"))
+    row.update(_test_metrics(results, "last"))
+    if any(setting.external_test for setting in cfg.settings.values()):
+        row.update(_external_metrics(run_dir))
+    environment = run_dir / "environment.json"
+    row["device"] = json.loads(environment.read_text()).get("device", "") if status == DONE and environment.is_file() else ""
+    step = results.get("step_time") or {}
+    row.update({
+        "train_seconds": results.get("train_seconds", NAN),
+        "images_per_second": step.get("images_per_second", NAN),
+        "data_wait_ms": step.get("data_wait_ms", NAN),
+        "forward_backward_ms": step.get("forward_backward_ms", NAN),
+        "distill_extras_ms": step.get("distill_extras_ms", NAN),
+        "peak_memory_mb": results.get("peak_memory_mb", NAN),
+        "extra_parameters": (results.get("setup") or {}).get("extra_parameters", NAN),
+        "run_dir": cell.rel_dir.as_posix() if run_dir.is_dir() else "",
+        "message": message,
+    })
+    return row
+
+
+def build_results(cfg: CompareConfig, out: Path, run: GridRun) -> pd.DataFrame:
+    rows = [cell_row(cfg, out, cell, run.outcomes[cell].status, run.outcomes[cell].message) for cell in run.cells]
+    return pd.DataFrame(rows)
+
+
+def failures(results: pd.DataFrame) -> pd.DataFrame:
+    """Cells that failed, or finished with a problem (e.g. in the external test)."""
+    bad = (results["status"] == "failed") | ((results["status"] == DONE) & (results["message"] != ""))
+    return results.loc[bad, ["setting", "method", "fold", "seed", "status", "message", "run_dir"]]

@@ -1,0 +1,461 @@
+"""`moma compare`: config validation, the grid (resume after a kill, failures, not-applicable
+methods), the statistics against hand computation, and the report (HTML parsed; screenshotted
+with headless Chromium where installed).
+
+One real grid is trained once per module (test_resnet, 32 px, 1 epoch, 2 folds x 1 seed, methods
+none + kd); the other grid tests replace training by copying that grid's finished runs."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import shutil
+import subprocess
+import sys
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import yaml
+from scipy import stats as scipy_stats
+
+from conftest import make_tile_folder
+from moma.compare import run_compare
+from moma.compare.config import load_compare_config
+from moma.compare.grid import choose_out_dir, config_differences, train_or_resume
+from moma.compare.holdout import write_holdout_manifests
+from moma.compare.stats import add_ranks, average_ranks, compare_with_baseline, paired_difference, verdict, wilcoxon_p
+from moma.engine.checkpoint import load_model_checkpoint, save_model_checkpoint
+from moma.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+CELLS = [f"same/{m}/fold{k}-seed0" for k in (0, 1) for m in ("none", "kd")]
+
+
+def tiny_compare(tmp: Path, target: Path, teacher: dict, **extra) -> dict:
+    tree = {
+        "name": "grid",
+        "output_dir": str(tmp / "compare"),
+        "base": {
+            "data": {"image_size": 32, "val_fraction": 0.25, "test_fraction": 0.25},
+            "augment": {"randaugment": False},
+            "model": {"arch": "test_resnet"},
+            "optim": {"epochs": 1, "batch_size": 16, "lr": 0.05},
+            "train": {"tensorboard": False, "max_steps_per_epoch": 2},
+        },
+        "teachers": {"t": teacher},
+        "settings": {"same": {"teacher": "t", "data": {"source": str(target)}}},
+        "methods": ["none", "kd"],
+        "folds": 2,
+        "seeds": [0],
+    }
+    tree.update(extra)
+    return tree
+
+
+def write_yaml(path: Path, tree: dict) -> Path:
+    path.write_text(yaml.safe_dump(tree, sort_keys=False))
+    return path
+
+
+def counting(monkeypatch, fail_on_cell: int | None = None, replacement=None) -> list[Path]:
+    """Record the run folder of every run_training call; optionally raise KeyboardInterrupt at the
+    n-th cell (teachers do not count) or train with ``replacement`` instead."""
+    import moma.engine.trainer as trainer
+
+    real = trainer.run_training
+    calls: list[Path] = []
+
+    def wrapper(cfg, resume_dir=None, run_dir=None):
+        folder = Path(resume_dir or run_dir)
+        calls.append(folder)
+        if fail_on_cell is not None and sum("cells" in p.parts for p in calls) == fail_on_cell:
+            raise KeyboardInterrupt
+        return (replacement or real)(cfg, resume_dir=resume_dir, run_dir=run_dir)
+
+    monkeypatch.setattr(trainer, "run_training", wrapper)
+    return calls
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict[str, Path]:
+    tmp = tmp_path_factory.mktemp("compare-data")
+    return {
+        "tmp": tmp,
+        "target": make_tile_folder(tmp / "target", classes=("tumour", "stroma"), per_class=16),
+        "teacher": make_tile_folder(tmp / "teacher", classes=("tumour", "stroma"), per_class=12),
+        "external": make_tile_folder(tmp / "external", classes=("tumour", "stroma"), per_class=6, manifest=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def finished(data) -> dict:
+    """A real grid, killed at its 3rd cell and re-run: the calls of both invocations."""
+    config = write_yaml(data["tmp"] / "grid.yaml", tiny_compare(data["tmp"], data["target"], {"data": {"source": str(data["teacher"])}}))
+    with pytest.MonkeyPatch.context() as mp:
+        first = counting(mp, fail_on_cell=3)
+        with pytest.raises(KeyboardInterrupt):
+            run_compare(config)
+    out = data["tmp"] / "compare" / "grid"
+    interrupted = pd.read_csv(out / "results.csv")
+    with pytest.MonkeyPatch.context() as mp:
+        second = counting(mp)
+        assert run_compare(config) == out
+    return {"config": config, "out": out, "first": first, "second": second, "interrupted": interrupted}
+
+
+# ---------------------------------------------------------------------- the real grid
+def test_killed_grid_completes_only_the_missing_cells(finished):
+    out = finished["out"]
+    rel = lambda calls: [p.relative_to(out).as_posix() for p in calls]  # noqa: E731
+    # first invocation: the teacher, two cells, then the kill at the third cell
+    assert rel(finished["first"]) == ["teachers/t"] + [f"cells/{c}" for c in CELLS[:3]]
+    assert list(finished["interrupted"]["status"]) == ["done", "done", "pending", "pending"]
+    # second invocation: the teacher and the two finished cells are skipped
+    assert rel(finished["second"]) == [f"cells/{c}" for c in CELLS[2:]]
+
+
+def test_results_have_a_row_per_cell_with_finite_metrics(finished):
+    out = finished["out"]
+    for name in ("results.csv", "failures.csv", "summary.csv", "summary.md", "report.html", "compare.yaml",
+                 "compare.log", "plots/bars.png", "plots/accuracy_vs_time.png", "plots/confusion_same_none.png"):
+        assert (out / name).is_file(), name
+    results = pd.read_csv(out / "results.csv")
+    assert [f"{r.setting}/{r.method}/fold{r.fold}-seed{r.seed}" for r in results.itertuples()] == CELLS
+    assert (results["status"] == "done").all()
+    for column in ("best_accuracy", "best_macro_f1", "best_kappa", "last_accuracy", "last_macro_f1", "train_seconds",
+                   "images_per_second", "forward_backward_ms", "peak_memory_mb", "extra_parameters"):
+        assert np.isfinite(results[column]).all(), column
+    assert results["best_accuracy"].between(0, 1).all()
+    for row in results.itertuples():  # each row is its cell's metrics.json
+        metrics = json.loads((out / row.run_dir / "metrics.json").read_text())
+        assert row.best_macro_f1 == pytest.approx(metrics["best"]["test"]["macro_f1"], abs=1e-5)
+    assert len(pd.read_csv(out / "failures.csv")) == 0
+    assert set(results["device"]) == {"cpu"}
+    # finished runs keep their models but not the (large) training state
+    for run_dir in [out / "teachers" / "t"] + [out / "cells" / c for c in CELLS]:
+        assert (run_dir / "best.safetensors").is_file() and not (run_dir / "state.pt").exists()
+
+
+def test_every_method_of_a_setting_gets_the_same_teacher_folds_and_init(finished):
+    out = finished["out"]
+    configs = {c: yaml.safe_load((out / "cells" / c / "config.yaml").read_text()) for c in CELLS}
+    teacher = str((out / "teachers" / "t" / "best.safetensors").resolve())
+    assert {c["distill"]["teacher"] for c in configs.values()} == {teacher}
+    assert [c["distill"]["method"] for c in configs.values()] == ["none", "kd", "none", "kd"]
+    assert all(c["train"]["progress"] is False and c["data"]["num_folds"] == 2 for c in configs.values())
+    for fold in (0, 1):  # identical test patients for both methods, different ones per fold
+        splits = [pd.read_csv(out / "cells" / f"same/{m}/fold{fold}-seed0" / "split.csv") for m in ("none", "kd")]
+        pd.testing.assert_frame_equal(splits[0], splits[1])
+    tests = [set(pd.read_csv(out / "cells" / f"same/none/fold{k}-seed0" / "split.csv").query("split == 'test'")["group"]) for k in (0, 1)]
+    assert tests[0] and tests[1] and not tests[0] & tests[1]
+    env = json.loads((out / "cells" / CELLS[0] / "environment.json").read_text())
+    assert env["setup"]["student_init"].startswith("teacher weights")
+
+
+def test_summary_matches_the_results(finished):
+    out = finished["out"]
+    results = pd.read_csv(out / "results.csv")
+    summary = pd.read_csv(out / "summary.csv")
+    for row in summary.itertuples():
+        cells = results[(results["setting"] == row.setting) & (results["method"] == row.method)]
+        assert row.n == 2
+        assert row.macro_f1_mean == pytest.approx(cells["best_macro_f1"].mean(), abs=1e-5)
+        assert row.accuracy_std == pytest.approx(cells["best_accuracy"].std(ddof=1), abs=1e-5)
+    kd = summary[summary["method"] == "kd"].iloc[0]
+    diffs = (results[results["method"] == "kd"]["best_macro_f1"].to_numpy()
+             - results[results["method"] == "none"]["best_macro_f1"].to_numpy())
+    assert kd.delta_best_macro_f1 == pytest.approx(diffs.mean(), abs=1e-5)
+    text = (out / "summary.md").read_text()
+    assert "| method | runs | accuracy | macro F1 | kappa | rank (macro F1) |" in text
+    assert "same: kd " in text and " none (macro F1 " in text
+
+
+class _ReportParser(HTMLParser):
+    def __init__(self):
+        super().__init__()
+        self.headers: list[str] = []
+        self.images: list[str] = []
+        self._in_th = False
+
+    def handle_starttag(self, tag, attrs):
+        self._in_th = tag == "th"
+        if tag == "img":
+            self.images.append(dict(attrs).get("src", ""))
+
+    def handle_data(self, text):
+        if self._in_th:
+            self.headers.append(text)
+
+    def handle_endtag(self, tag):
+        self._in_th = False
+
+
+def test_report_html_is_self_contained(finished):
+    parser = _ReportParser()
+    parser.feed((finished["out"] / "report.html").read_text())
+    assert {"method", "runs", "macro F1", "rank (macro F1)", "Δ macro F1 [95% CI]"} <= set(parser.headers)
+    embedded = [src for src in parser.images if src.startswith("data:image/png;base64,")]
+    assert embedded and len(embedded) == len(parser.images)
+    assert base64.b64decode(embedded[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_screenshot_of_the_report_is_not_blank(finished, tmp_path):
+    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium installed (apt-get install chromium) to screenshot the report")
+    png = tmp_path / "report.png"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(finished["out"] / "report.html"),
+                           str(png), "--height", "1200"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert png.is_file()
+
+
+def test_a_changed_config_is_refused_in_the_same_folder(finished):
+    with pytest.raises(ConfigError, match=r"optim\.lr: 0\.05 -> 0\.1.*--fresh"):
+        run_compare(finished["config"], ["base.optim.lr=0.1"])
+
+
+# ---------------------------------------------------------------------- grid logic with copied runs
+def copy_finished_run(finished_out: Path):
+    def fake(cfg, resume_dir=None, run_dir=None):
+        if cfg.distill.method == "kd":
+            raise RuntimeError("boom: kd exploded")
+        shutil.copytree(finished_out / "cells" / CELLS[0], run_dir, dirs_exist_ok=True)
+        (Path(run_dir) / "config.yaml").write_text(cfg.to_yaml())
+        return json.loads((Path(run_dir) / "metrics.json").read_text())
+
+    return fake
+
+
+def test_failures_and_not_applicable_cells_do_not_stop_the_grid(finished, data, monkeypatch, tmp_path):
+    teacher = finished["out"] / "teachers" / "t" / "best.safetensors"
+    state, meta = load_model_checkpoint(teacher)
+    meta.class_names = ["a", "b", "c"]  # a teacher of another task: kd cannot apply
+    save_model_checkpoint(tmp_path / "other.safetensors", state, meta)
+    tree = tiny_compare(tmp_path, data["target"], {"checkpoint": str(teacher)})
+    tree["teachers"]["other"] = {"checkpoint": str(tmp_path / "other.safetensors")}
+    tree["settings"]["same"]["external_test"] = {"source": str(data["external"])}
+    tree["settings"]["far"] = {"teacher": "other", "data": {"source": str(data["target"])}}
+    calls = counting(monkeypatch, replacement=copy_finished_run(finished["out"]))
+    out = run_compare(write_yaml(tmp_path / "c.yaml", tree))
+    results = pd.read_csv(out / "results.csv").set_index(["setting", "method", "fold"]).sort_index()
+    assert results.loc[("same", "kd", 1), "status"] == "failed"
+    assert "boom: kd exploded" in results.loc[("same", "kd", 0), "message"]
+    assert (results.loc[("far", "kd"), "status"] == "not_applicable").all()
+    assert (results.xs("none", level="method")["status"] == "done").all()  # the grid went on after failures
+    assert len(calls) == 6  # 4 none cells + 2 kd attempts; no teacher training, nothing for n/a cells
+    failures = pd.read_csv(out / "failures.csv")
+    assert sorted(failures["method"]) == ["kd", "kd"] and set(failures["status"]) == {"failed"}
+    assert "RuntimeError: boom" in (out / "cells/same/kd/fold0-seed0/error.txt").read_text()
+    external = results.loc[("same", "none", 0)]
+    assert 0 <= external["ext_accuracy"] <= 1 and (out / "cells/same/none/fold0-seed0/external/metrics_eval.json").is_file()
+    assert math.isnan(results.loc[("far", "none", 0), "ext_accuracy"])
+    summary_md = (out / "summary.md").read_text()
+    assert "kd: not applicable" in summary_md and "## Failures" in summary_md
+    # failed cells are retried by a re-run, finished ones are not
+    calls.clear()
+    run_compare(write_yaml(tmp_path / "c.yaml", tree))
+    assert [p.relative_to(out).as_posix() for p in calls] == ["cells/same/kd/fold0-seed0", "cells/same/kd/fold1-seed0"]
+
+
+def test_fresh_starts_a_new_folder_and_never_overwrites(tmp_path):
+    from moma.compare.config import build_compare_config
+
+    cfg = build_compare_config({"name": "x", "output_dir": str(tmp_path), "settings": {"s": {}}, "methods": ["none"]})
+    first = choose_out_dir(cfg, None, resume=True)
+    (first / "compare.yaml").write_text("name: x\n")
+    assert choose_out_dir(cfg, None, resume=True) == first
+    assert choose_out_dir(cfg, None, resume=False) == tmp_path / "x-2"
+    assert choose_out_dir(cfg, None, resume=False) == tmp_path / "x-3"
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a compare folder"):
+        choose_out_dir(cfg, tmp_path / "junk", resume=True)
+
+
+def test_cell_folders_are_skipped_resumed_or_restarted(tmp_path, monkeypatch):
+    import moma.engine.trainer as trainer
+
+    seen = []
+    monkeypatch.setattr(trainer, "run_training", lambda cfg, resume_dir=None, run_dir=None: seen.append((resume_dir, run_dir)))
+    done, interrupted, broken = tmp_path / "done", tmp_path / "interrupted", tmp_path / "broken"
+    for folder, name in ((done, "metrics.json"), (interrupted, "state.pt"), (broken, "config.yaml")):
+        folder.mkdir()
+        (folder / name).write_text("{}")
+    assert train_or_resume(None, done) == "skipped"
+    assert train_or_resume(None, interrupted) == "resumed"
+    assert train_or_resume(None, broken) == "trained"
+    assert seen == [(interrupted, None), (None, broken)]
+    assert not broken.exists()  # a run without any checkpoint was cleared before it restarted
+
+
+def test_config_differences_ignore_how_a_run_executes():
+    old = {"run": {"name": "a", "device": "cpu", "seed": 0}, "optim": {"lr": 0.1}, "distill": {"params": {"k": 1}}}
+    new = {"run": {"name": "b", "device": "cuda", "seed": 0}, "optim": {"lr": 0.2}, "distill": {"params": {}}}
+    assert config_differences(old, new) == ["distill.params: {'k': 1} -> {}", "optim.lr: 0.1 -> 0.2"]
+    # a field added to the schema since the run: its default is no difference, another value is
+    assert config_differences({"optim": {"lr": 0.1}}, {"optim": {"lr": 0.1, "epochs": 50}}) == []
+    assert config_differences({"optim": {"lr": 0.1}}, {"optim": {"lr": 0.1, "epochs": 7}}) == ["optim.epochs: None -> 7"]
+
+
+# ---------------------------------------------------------------------- config
+def _load(tmp_path, tree, overrides=None):
+    return load_compare_config(write_yaml(tmp_path / "c.yaml", tree), overrides)
+
+
+def base_tree(source="data") -> dict:
+    return {"teachers": {"t": {"data": {"source": source}}},
+            "settings": {"s": {"teacher": "t", "data": {"source": source}}}, "methods": ["none", "kd"]}
+
+
+@pytest.mark.parametrize("change, fragment", [
+    ({"sedes": [0]}, "unknown compare key 'sedes'"),
+    ({"settings": {"s": {"teacher": "t", "dta": {}}}}, "unknown compare key 'settings.s.dta'"),
+    ({"teachers": {"t": {"data": {"sorce": "x"}}}}, "teachers.t: unknown config key 'data.sorce'"),
+    ({"base": {"optim": {"lrr": 1}}}, "base: unknown config key 'optim.lrr'"),
+    ({"methods": {"kd": {"kl_wieght": 1}}}, "unknown compare key 'methods.kd.kl_wieght'"),
+    ({"methods": {"kd": {"params": {"nope": 1}}}}, "methods.kd: distill.params.nope: unknown for method 'kd'"),
+    ({"methods": ["none", "nosuch"]}, "methods.nosuch: distill.method 'nosuch' is unknown"),
+    ({"settings": {"s": {"teacher": "missing"}}}, "settings.s.teacher: 'missing' is not under teachers"),
+    ({"settings": {"s": {"teacher": "t", "run": {"seed": 3}}}}, "settings.s.run.seed is set by the grid; use 'seeds'"),
+    ({"base": {"data": {"fold": 1, "num_folds": 2}}}, "base.data.num_folds is set by the grid"),
+    ({"settings": {"s": {"teacher": "t", "methods": ["kd", "fitnett"]}}}, "settings.s.methods: fitnett not under methods"),
+    ({"seeds": [1, 1]}, "seeds must be a non-empty list of distinct integers"),
+    ({"methods": ["kd"]}, "baseline 'none' is not under methods"),
+    ({"teachers": {"t": {"checkpoint": "x.safetensors", "data": {"source": "y"}}}}, "either 'checkpoint"),
+    ({"teachers": {"t": {"distill": {"method": "kd"}}}}, "teachers are trained without distillation"),
+])
+def test_config_errors_name_the_key_in_one_line(tmp_path, change, fragment):
+    tree = base_tree()
+    tree.update(change)
+    with pytest.raises(ConfigError) as info:
+        _load(tmp_path, tree)
+    assert fragment in str(info.value)
+    assert "\n" not in str(info.value)
+
+
+def test_config_forms_and_overrides(tmp_path):
+    tree = base_tree()
+    tree["methods"] = {"none": None, "kd": {"kl_weight": 0.5}, "kd_t2": {"method": "kd", "temperature": 2}}
+    cfg = _load(tmp_path, tree, ["seeds=[0, 1]", "base.optim.epochs=3", "methods.kd.ce_weight=0.2", "folds=3"])
+    assert cfg.seeds == [0, 1] and cfg.folds == 3 and cfg.base["optim"]["epochs"] == 3
+    assert cfg.methods["kd"].distill_overrides() == {"ce_weight": 0.2, "kl_weight": 0.5}
+    assert cfg.registered_name("kd_t2") == "kd" and cfg.methods["kd_t2"].distill_overrides() == {"temperature": 2}
+    listed = _load(tmp_path, base_tree(), ["methods.none.kl_weight=0"])  # a list in YAML takes dotted keys too
+    assert listed.methods["none"].kl_weight == 0
+    subset = _load(tmp_path, base_tree(), ["settings.s.methods=[kd]"])
+    assert subset.methods_of("s") == ["kd"]
+
+
+def test_smoke_config_is_valid():
+    cfg = load_compare_config(ROOT / "configs" / "compare" / "smoke.yaml")
+    assert set(cfg.settings) == {"same", "relevant", "irrelevant"} and cfg.folds == 2 and cfg.seeds == [0]
+    assert cfg.teachers["glas_half"].holdout == 0.5
+
+
+# ---------------------------------------------------------------------- holdout
+def test_holdout_splits_patients_into_disjoint_parts(tmp_path):
+    source = make_tile_folder(tmp_path / "tiles", classes=("tumour", "stroma"), per_class=16)
+    teacher_csv, student_csv = write_holdout_manifests(source, tmp_path / "parts", "t", 0.5, seed=0)
+    teacher, student = pd.read_csv(teacher_csv), pd.read_csv(student_csv)
+    assert len(teacher) + len(student) == 32
+    assert not set(teacher["group"]) & set(student["group"])
+    assert set(teacher["group"]) | set(student["group"]) == {f"{c}_patient{i}" for c in ("tumour", "stroma") for i in range(4)}
+    assert set(teacher["label"]) == set(student["label"]) == {"tumour", "stroma"}  # stratified by label
+    assert all((teacher_csv.parent / p).is_file() for p in teacher["path"])
+    again, _ = write_holdout_manifests(source, tmp_path / "again", "t", 0.5, seed=0)
+    assert list(pd.read_csv(again)["group"]) == list(teacher["group"])  # seeded: the same on every run
+    quarter, _ = write_holdout_manifests(source, tmp_path / "quarter", "t", 0.25, seed=0)
+    assert pd.read_csv(quarter)["group"].nunique() == 2
+
+
+def test_holdout_needs_patient_ids(tmp_path):
+    source = make_tile_folder(tmp_path / "tiles", classes=("tumour", "stroma"), per_class=4, manifest=False)
+    with pytest.raises(ConfigError, match="teachers.t.holdout: .* no 'group' column"):
+        write_holdout_manifests(source, tmp_path / "parts", "t", 0.5, seed=0)
+
+
+# ---------------------------------------------------------------------- statistics
+def hand_results() -> pd.DataFrame:
+    """Setting s: 3 folds x 2 seeds; kd = none + known differences; 'same' equals none exactly."""
+    none = [0.60, 0.70, 0.65, 0.55, 0.72, 0.68]
+    kd_delta = [0.05, 0.02, 0.04, 0.06, 0.01, 0.03]
+    rows = []
+    for i, (fold, seed) in enumerate([(f, s) for f in range(3) for s in range(2)]):
+        for method, f1 in (("none", none[i]), ("kd", none[i] + kd_delta[i]), ("same", none[i])):
+            rows.append({"setting": "s", "method": method, "fold": fold, "seed": seed, "status": "done",
+                         "best_macro_f1": f1, "best_accuracy": f1 + 0.1})
+    rows.append({"setting": "s", "method": "fit", "fold": 0, "seed": 0, "status": "done", "best_macro_f1": 0.9,
+                 "best_accuracy": 0.9})
+    rows.append({"setting": "s", "method": "fit", "fold": 0, "seed": 1, "status": "failed",
+                 "best_macro_f1": float("nan"), "best_accuracy": float("nan")})
+    return pd.DataFrame(rows)
+
+
+def test_paired_difference_ci_and_wilcoxon_match_hand_computation():
+    d = np.array([0.05, 0.02, 0.04, 0.06, 0.01, 0.03])
+    result = paired_difference(d)
+    sd = math.sqrt(sum((x - 0.035) ** 2 for x in d) / 5)  # = 0.018708
+    half = 2.570582 * sd / math.sqrt(6)  # t_{0.975, 5} = 2.570582
+    assert result.n == 6 and result.mean == pytest.approx(0.035)
+    assert (result.ci_low, result.ci_high) == pytest.approx((0.035 - half, 0.035 + half), abs=1e-6)
+    assert result.ci_low == pytest.approx(0.015367, abs=1e-5)
+    assert result.p_value == pytest.approx(scipy_stats.wilcoxon(d).pvalue)
+    assert result.p_value == pytest.approx(2 / 64)  # exact: all 6 positive, 2 * (1/2)^6
+    assert verdict(result.ci_low, result.ci_high, result.n) == "beats"
+
+
+def test_paired_statistics_edge_cases():
+    zero = paired_difference(np.zeros(4))
+    assert (zero.mean, zero.ci_low, zero.ci_high, zero.p_value) == (0.0, 0.0, 0.0, 1.0)
+    assert verdict(zero.ci_low, zero.ci_high, 4) == "shows no clear difference from"
+    single = paired_difference(np.array([0.2]))
+    assert single.mean == pytest.approx(0.2) and math.isnan(single.ci_low) and math.isnan(single.p_value)
+    assert verdict(single.ci_low, single.ci_high, 1).startswith("has too few paired runs")
+    assert paired_difference(np.array([])).n == 0
+    assert math.isnan(wilcoxon_p(np.array([0.1])))
+    worse = paired_difference(-np.array([0.05, 0.02, 0.04, 0.06]))
+    assert verdict(worse.ci_low, worse.ci_high, 4) == "is worse than"
+
+
+def test_compare_with_baseline_pairs_on_fold_and_seed():
+    table = compare_with_baseline(hand_results(), "none", ["best_macro_f1", "best_accuracy"]).set_index("method")
+    assert table.loc["kd", "pairs"] == 6
+    assert table.loc["kd", "delta_best_macro_f1"] == pytest.approx(0.035)
+    assert table.loc["kd", "delta_best_macro_f1_p"] == pytest.approx(scipy_stats.wilcoxon([0.05, 0.02, 0.04, 0.06, 0.01, 0.03]).pvalue)
+    assert table.loc["same", "delta_best_macro_f1"] == 0 and table.loc["same", "delta_best_macro_f1_p"] == 1.0
+    # fit: one finished pair (fold 0, seed 0: 0.9 - 0.60); its failed cell is not paired
+    assert table.loc["fit", "pairs"] == 1 and table.loc["fit", "delta_best_macro_f1"] == pytest.approx(0.30)
+    assert math.isnan(table.loc["fit", "delta_best_macro_f1_ci_low"])
+
+
+def test_ranks_and_average_ranks():
+    summary = pd.DataFrame({
+        "setting": ["a"] * 3 + ["b"] * 3 + ["c"] * 2,
+        "method": ["none", "kd", "moma"] * 2 + ["none", "moma"],
+        "macro_f1_mean": [0.70, 0.80, 0.75, 0.60, 0.60, 0.90, 0.50, float("nan")],
+    })
+    ranked = add_ranks(summary)
+    assert list(ranked["rank"][:6]) == [3, 1, 2, 2.5, 2.5, 1]  # a tie shares the mean rank
+    assert ranked["rank"].iloc[6] == 1 and math.isnan(ranked["rank"].iloc[7])  # no result, no rank
+    averages = average_ranks(ranked).set_index("method")
+    assert averages.loc["moma", "average_rank"] == pytest.approx((2 + 1) / 2)
+    assert averages.loc["kd", "average_rank"] == pytest.approx((1 + 2.5) / 2)
+    assert averages.loc["none", "average_rank"] == pytest.approx((3 + 2.5 + 1) / 3)
+    assert list(averages.index) == ["moma", "kd", "none"]
+    assert averages.loc["none", "settings"] == 3 and averages.loc["moma", "settings"] == 2
+
+
+def test_summary_mean_std_and_counts():
+    from moma.compare.stats import summarize
+
+    table = summarize(hand_results(), ["best_macro_f1"]).set_index("method")
+    assert table.loc["kd", "n"] == 6
+    expected = np.array([0.60, 0.70, 0.65, 0.55, 0.72, 0.68]) + np.array([0.05, 0.02, 0.04, 0.06, 0.01, 0.03])
+    assert table.loc["kd", "best_macro_f1_mean"] == pytest.approx(expected.mean())
+    assert table.loc["kd", "best_macro_f1_std"] == pytest.approx(expected.std(ddof=1))
+    assert table.loc["fit", "n"] == 1 and math.isnan(table.loc["fit", "best_macro_f1_std"])
+
