@@ -126,8 +126,8 @@ class CompareConfig(Strict):
     folds: int = Field(2, ge=1, description="K of the grouped k-fold; 1 = one train/val/test split")
     seeds: list[int] = Field(default_factory=lambda: [0])
     split_seed: int = Field(0, description="seed of the fold assignment: the same folds for every method and seed")
-    keep_training_state: bool = Field(False, description="keep state.pt of finished runs (only needed to resume an "
-                                      "unfinished run; the largest file of a run folder)")
+    keep_training_state: bool = Field(False, description="keep state.pt and last.safetensors of finished cells "
+                                      "(state.pt is only needed to resume an unfinished run; both are the largest files)")
 
     @field_validator("methods", mode="before")
     @classmethod

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from moma.compare.config import CompareConfig
 from moma.compare.holdout import write_holdout_manifests
 from moma.config import Config, build_config
-from moma.engine.runs import BEST_NAME, CONFIG_NAME, METRICS_NAME, STATE_NAME, create_run_dir
+from moma.engine.runs import BEST_NAME, CONFIG_NAME, LAST_NAME, METRICS_NAME, STATE_NAME, create_run_dir
 from moma.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,8 @@ def _clear_unfinished(run_dir: Path) -> None:
 
 def train_or_resume(cfg: Config, run_dir: Path, keep_state: bool = True) -> str:
     """Train into ``run_dir`` unless finished; continue it if interrupted. Returns what was done.
-    Without ``keep_state`` the training state of a run that finishes here is deleted."""
+    Without ``keep_state`` the training state and the last-epoch weights of a run that finishes
+    here are deleted (its metrics are in metrics.json; best.safetensors stays)."""
     from moma.engine.trainer import run_training
 
     if (run_dir / METRICS_NAME).is_file():
@@ -183,6 +184,7 @@ def train_or_resume(cfg: Config, run_dir: Path, keep_state: bool = True) -> str:
         _release_memory()
     if not keep_state and (run_dir / METRICS_NAME).is_file():
         (run_dir / STATE_NAME).unlink(missing_ok=True)
+        (run_dir / LAST_NAME).unlink(missing_ok=True)
     return done
 
 
