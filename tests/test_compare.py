@@ -372,6 +372,27 @@ def test_holdout_splits_patients_into_disjoint_parts(tmp_path):
     assert pd.read_csv(quarter)["group"].nunique() == 2
 
 
+def test_holdout_patients_are_removed_from_every_setting_with_that_target(tmp_path):
+    """The paper keeps the target fixed across settings: with a same-task teacher holding out
+    patients, the relevant-task students use the same student patients."""
+    from moma.compare.grid import Grid
+
+    target = make_tile_folder(tmp_path / "target", per_class=8, patients_per_class=4)
+    other = make_tile_folder(tmp_path / "other", classes=("immune", "fat"), per_class=8)
+    tree = tiny_compare(tmp_path, target, {"data": {"source": str(target)}, "holdout": 0.5})
+    tree["teachers"]["o"] = {"data": {"source": str(other)}}
+    tree["settings"]["relevant"] = {"teacher": "o", "data": {"source": str(target)}}
+    tree["settings"]["elsewhere"] = {"teacher": "o", "data": {"source": str(other)}}
+    cfg = load_compare_config(write_yaml(tmp_path / "c.yaml", tree))
+    grid = Grid(cfg, tmp_path / "out")
+    grid.prepare_holdouts()
+    sources = {cell.setting: grid.cell_config(cell).data.source for cell in grid.cells()}
+    student_part = str(grid._holdout_paths("t")[1])
+    assert sources["same"] == sources["relevant"] == student_part
+    assert sources["elsewhere"] == str(other.resolve())
+    assert grid.teacher_config("t").data.source == str(grid._holdout_paths("t")[0])
+
+
 def test_holdout_needs_patient_ids(tmp_path):
     source = make_tile_folder(tmp_path / "tiles", classes=("tumour", "stroma"), per_class=4, manifest=False)
     with pytest.raises(ConfigError, match="teachers.t.holdout: .* no 'group' column"):

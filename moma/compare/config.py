@@ -20,8 +20,9 @@ the keys the grid sets cannot be set by hand (no silent overrides). A method ent
 the distillation section, so within a setting only the method differs between runs.
 
 A teacher with ``holdout`` is trained on a seeded, patient-grouped part of its data; every setting
-that uses it on the same data source trains and tests its students on the other patients only (the
-paper's same-task setting with a teacher the student never saw).
+whose target is that data source (whatever its teacher) trains and tests its students on the other
+patients only: the paper's same-task setting with a teacher the students never saw, and one target
+shared by all settings.
 """
 
 from __future__ import annotations

@@ -315,10 +315,20 @@ class Grid:
         tree = _absolute_paths(cfg.training_tree(setting.sections(), grid_keys))
         if setting.teacher is not None:
             tree["distill"]["teacher"] = str(self.teacher_checkpoint(setting.teacher))
-            teacher = cfg.teachers[setting.teacher]
-            if teacher.holdout is not None and tree["data"].get("source") == self._holdout_teacher_source(setting.teacher):
-                tree["data"]["source"] = str(self._holdout_paths(setting.teacher)[1])
+        holdout = self._holdout_for(tree["data"].get("source"))
+        if holdout is not None:
+            tree["data"]["source"] = str(self._holdout_paths(holdout)[1])
         return build_config(tree, f"settings.{cell.setting} x methods.{cell.method}")
+
+    def _holdout_for(self, source: str | None) -> str | None:
+        """The teacher that holds out patients of ``source``, if any. Every setting whose target is
+        that data then trains and tests on the other patients only, whatever its own teacher, so
+        all settings share one target (as in the paper) and no student sees the teacher's patients."""
+        names = [name for name in self.used_teachers() if self.cfg.teachers[name].holdout is not None
+                 and source is not None and self._holdout_teacher_source(name) == source]
+        if len(names) > 1:
+            raise ConfigError(f"teachers {', '.join(names)} both hold out patients of {source}; keep one")
+        return names[0] if names else None
 
     def check_existing_runs(self, cells: list[Cell]) -> None:
         """Refuse to mix results of another config into this folder (checked before any training)."""
