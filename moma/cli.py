@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -63,6 +64,8 @@ def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fa
         group.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", default=None, metavar="VALUE",
                            help=f"= --set {key}=VALUE")
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and report how many (= --set data.skip_bad=true)")
+    group.add_argument("--profile", action="store_true",
+                       help="log per epoch the share of step time spent waiting for data (= --set train.profile=true)")
 
 
 def _config_from_args(args) -> "Config":  # noqa: F821
@@ -72,6 +75,8 @@ def _config_from_args(args) -> "Config":  # noqa: F821
                  if getattr(args, f"short_{flag}", None) is not None]
     if getattr(args, "skip_bad", False):
         overrides.append("data.skip_bad=true")
+    if getattr(args, "profile", False):
+        overrides.append("train.profile=true")
     return load_config(args.config, overrides + args.overrides)
 
 
@@ -98,14 +103,15 @@ def cmd_train(args, distill: bool = False) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides)
+        cfg = load_config(run_dir / "config.yaml", args.overrides + (["train.profile=true"] if args.profile else []))
         results = run_training(cfg, resume_dir=run_dir)
     else:
         cfg = _config_from_args(args)
         if not distill and cfg.distill.method != "none":
             raise ConfigError(f"`moma train` trains without distillation; use `moma distill` for method '{cfg.distill.method}'")
         results = run_training(cfg)
-    _print_results(results)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
+        _print_results(results)
     return 0
 
 
@@ -145,14 +151,30 @@ def cmd_info(args) -> int:
     return 0
 
 
+def _method_defaults(cls) -> str:
+    params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
+    weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
+    needs = "same classes as the teacher" if cls.logit_based else "any teacher" if cls.requires_teacher else "no teacher"
+    if getattr(cls, "requires_same_architecture", False):
+        needs += ", same architecture"
+    return f"{weights}; {params or 'no parameters'}; needs: {needs}"
+
+
 def cmd_methods(args) -> int:
     from moma.distill import all_methods
 
-    rows = [(name, cls.summary, cls.reference) for name, cls in all_methods().items()]
-    width = max(len(r[0]) for r in rows)
-    for name, summary_text, reference in rows:
-        print(f"{name:<{width}}  {summary_text}")
-        print(f"{'':<{width}}  ref: {reference}")
+    methods = all_methods()
+    if args.markdown:
+        print("| method | what it does | reference | defaults |\n|---|---|---|---|")
+        for name, cls in methods.items():
+            print(f"| `{name}` | {cls.summary} | {cls.reference} | {_method_defaults(cls)} |")
+        return 0
+    width = max(len(name) for name in methods)
+    for name, cls in methods.items():
+        print(f"{name:<{width}}  {cls.summary}")
+        print(f"{'':<{width}}  ref: {cls.reference}")
+        if args.defaults:
+            print(f"{'':<{width}}  defaults: {_method_defaults(cls)}")
     return 0
 
 
@@ -213,6 +235,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=cmd_info)
 
     methods = sub.add_parser("methods", help="list the distillation methods")
+    methods.add_argument("--defaults", action="store_true", help="also show default loss weights and parameters")
+    methods.add_argument("--markdown", action="store_true", help="print a markdown table (docs/methods.md)")
     methods.set_defaults(func=cmd_methods)
 
     config = sub.add_parser("config", help="print the effective config (defaults <- file <- overrides)")
@@ -245,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        print("moma: interrupted; an interrupted run continues with `--resume RUN_DIR`", file=sys.stderr)
+        hint = ("re-running the same command completes the missing cells" if args.command == "compare"
+                else "an interrupted run continues with `--resume RUN_DIR`")
+        print(f"moma: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, the traceback behind --debug
         if args.debug:

@@ -65,6 +65,8 @@ class TileDataset(Dataset):
             raise DataError(f"{description}: no readable tiles left")
         self.paths = self.table.frame["path"].tolist()
         self.targets = torch.as_tensor(self.table.frame["target"].to_numpy().copy(), dtype=torch.long)
+        # One tensor: forked loader workers share its memory pages (nothing is copied), and spawned
+        # workers receive it through shared memory (torch moves its storage there when pickled).
         self.images = torch.stack(images) if cache else None
 
     @property
@@ -79,8 +81,17 @@ class TileDataset(Dataset):
             return self.images[index]
         return decode_tile(self.paths[index], self.image_size)
 
-    def __getitem__(self, index: int):
+    def __getitem__(self, item: int | tuple[int, int]):
+        """``item`` is a row, or ``(row, seed)``: the augmentation then draws from torch's generator
+        seeded with ``seed`` (the caller's generator state is restored afterwards), so a sample's
+        augmentation does not depend on which loader worker produced it."""
+        index, seed = item if isinstance(item, tuple) else (item, None)
         image = self.raw_image(index)
         if self.transform is not None:
-            image = self.transform(image)
+            if seed is None:
+                image = self.transform(image)
+            else:
+                with torch.random.fork_rng(devices=[]):
+                    torch.manual_seed(seed)
+                    image = self.transform(image)
         return image, self.targets[index], index

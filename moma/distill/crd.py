@@ -222,6 +222,8 @@ class CRD(DistillMethod):
             self.memory_t[index] = momentum_update(self.memory_t[index], v_t.float(), momentum)
 
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
-        """This step's rows from every process, concatenated along dim 0 (identity in one process).
-        A distributed run overrides it with an all-gather so that every rank's banks and Z agree."""
-        return tensor
+        """This step's rows from every process, concatenated along dim 0 in rank order (identity in
+        one process), so that every rank applies the same update to its banks and Z."""
+        from moma.engine.distributed import all_gather_rows
+
+        return all_gather_rows(tensor)

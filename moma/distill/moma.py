@@ -39,6 +39,7 @@ from moma.distill.batch_attention import BatchAttention
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
+from moma.engine import distributed as dist_utils
 from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
 
@@ -253,13 +254,20 @@ class MoMA(DistillMethod):
         kl_weight = ctx.kl_weight if ctx.kl_weight is not None else (1.0 if ctx.same_label_space else 0.0)
         self._separate_logits_pass = kl_weight > 0 and not params.single_teacher_pass
         self._pending_keys: torch.Tensor | None = None
+        self._key_order: torch.Tensor | None = None  # the shuffle of this step's key pass across ranks
         log.info(
             "moma: queue %d x %d, tau %g, alpha %g (%s), %d-head batch attention (key attention %s), key pass %s, "
             "teacher passes per step: %d", self.queue.size, params.feat_dim, params.temperature, params.momentum,
-            params.momentum_schedule, params.num_heads, params.key_attention,
-            f"split-batch BN ({params.bn_splits} sub-batches)" if params.shuffle_bn == "split" else "plain BN",
+            params.momentum_schedule, params.num_heads, params.key_attention, self._key_pass_description(),
             2 if self._separate_logits_pass else 1,
         )
+
+    def _key_pass_description(self) -> str:
+        if self.params.shuffle_bn == "none":
+            return "plain BN" + (" (keys all-gathered across processes)" if dist_utils.is_distributed() else "")
+        if dist_utils.is_distributed():
+            return "shuffle BN across processes (keys all-gathered)"
+        return f"split-batch BN ({self.params.bn_splits} sub-batches)"
 
     # --------------------------------------------------------------- setup helpers
     @property
@@ -366,8 +374,10 @@ class MoMA(DistillMethod):
         is randomly permuted and cut into sub-batches that the teacher normalises separately, so a
         key's BatchNorm statistics come from other samples than its query's. Only the first
         sub-batch updates the running statistics, as each GPU's own teacher does in the code.
-        Returns pooled features in ``embedding`` and logits, un-shuffled. A multi-process version
-        overrides this method (all_gather the images, shuffle across ranks)."""
+        Returns pooled features in ``embedding`` and logits, un-shuffled. Several processes: the
+        real shuffle BN across ranks (:meth:`_shuffle_across_ranks`)."""
+        if self.training and self.params.shuffle_bn != "none" and dist_utils.is_distributed():
+            return self._shuffle_across_ranks(teacher, images)
         splits = self._bn_splits(images.shape[0])
         if splits == 1:
             out = teacher(images)
@@ -382,9 +392,36 @@ class MoMA(DistillMethod):
         restore = torch.argsort(order)
         return TapOutputs(logits=torch.cat(logits)[restore], embedding=torch.cat(pooled)[restore])
 
+    def _shuffle_across_ranks(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
+        """Shuffle BN as the code's ``ContrastTrainer._shuffle_bn``: the images of all ranks are
+        gathered, permuted by one random order drawn on rank 0 and broadcast, and each rank runs
+        its teacher (BatchNorm on batch statistics) on its block of the shuffled global batch; the
+        pooled features and logits are gathered and un-shuffled, and each rank keeps its own
+        samples' rows. The order is kept for :meth:`_gather_keys`."""
+        rank = torch.distributed.get_rank()
+        sizes = dist_utils.gather_sizes(images.shape[0], images.device)
+        everyone = dist_utils.all_gather_rows(images, sizes)
+        order = dist_utils.shared_permutation(sum(sizes), images.device)
+        mine = everyone[dist_utils.shuffled_slice(order, sizes, rank)]
+        if images.is_contiguous(memory_format=torch.channels_last):
+            mine = mine.contiguous(memory_format=torch.channels_last)
+        out = teacher(mine)
+        pooled = pooled_features(teacher.model, out)
+        rows = torch.cat([pooled.float(), out.logits.float()], dim=1)
+        own = dist_utils.rank_rows(dist_utils.unshuffle(dist_utils.all_gather_rows(rows, sizes), order), sizes, rank)
+        self._key_order = order
+        width = pooled.shape[1]
+        return TapOutputs(logits=own[:, width:].to(out.logits.dtype), embedding=own[:, :width].to(pooled.dtype))
+
     def _gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
-        """Keys of every process, for the queue (the code's ``all_k``). One process: its own."""
-        return keys
+        """Keys of every process, for the queue (the code's ``all_k``). One process: its own.
+        After a shuffled key pass they come in the shuffled order, as the code's ``all_k`` (each
+        GPU's keys of its shuffled block, gathered)."""
+        order, self._key_order = self._key_order, None
+        if not dist_utils.is_distributed():
+            return keys
+        everyone = dist_utils.all_gather_rows(keys)
+        return everyone if order is None else everyone[order]
 
     def _attend_keys(self, keys: torch.Tensor, all_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(positive keys, keys to enqueue) after the key attention. In the code both are detached

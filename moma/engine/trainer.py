@@ -4,6 +4,11 @@ Per epoch: train (seeded per epoch, so a resumed run replays the same epoch exac
 write one row of ``summary.csv``, keep the best-by-validation deployable checkpoint, and save the
 full training state. At the end the best and the last model are evaluated on the test split;
 the test split is never used for any choice.
+
+Under ``torchrun`` every rank trains on its share of each epoch (``EpochSampler``), validation is
+sharded and the predictions all-gathered, so every rank computes the same metrics and makes the
+same best-checkpoint choice; only rank 0 writes files. The training state is saved without DDP's
+``module.`` prefixes, so a run can be resumed with another number of processes.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from moma.config import Config
@@ -36,7 +42,7 @@ from moma.engine.checkpoint import (
     set_rng_state,
 )
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
-from moma.engine.evaluate import evaluate, write_report
+from moma.engine.evaluate import eval_loader, evaluate, predict_probs, write_report
 from moma.engine.io import atomic_write_json, atomic_write_text
 from moma.engine.plots import plot_curves
 from moma.engine.runs import (
@@ -51,7 +57,7 @@ from moma.engine.runs import (
     write_run_info,
 )
 from moma.errors import MomaError
-from moma.metrics import summary
+from moma.metrics import compute_metrics, summary
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +124,10 @@ class Trainer:
                                                 train_targets=self.data.train.targets)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
+        if cfg.train.compile:
+            # In place: the tap's forward is compiled, its state-dict keys stay plain timm keys.
+            log.info("train.compile: compiling the student with torch.compile (the first steps are slow)")
+            self.task.student_tap.compile()
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
         self.optimizer = build_optimizer(cfg, self.task.trainable_parameters(), self.global_batch)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
@@ -128,6 +138,8 @@ class Trainer:
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.train_model = dist_utils.wrap_task(self.task, self.dist, self.device)
         self.writer = None
+        self._sampler: dist_utils.EpochSampler | None = None
+        self._loader: DataLoader | None = None
 
     # ----------------------------------------------------------------- setup helpers
     def _lr_lambda(self, step: int) -> float:
@@ -145,11 +157,16 @@ class Trainer:
     def _num_workers(self) -> int:
         workers = self.cfg.data.num_workers
         if workers == "auto":
-            # Cached tiles on a CPU run: augmenting in the main process is cheaper than worker IPC.
+            cores = (os.cpu_count() or 2) // max(1, self.dist.local_world_size)
             if self.device.type == "cpu" and self.cfg.data.cache:
-                return 0
-            return min(8, max(1, (os.cpu_count() or 2) // max(1, self.dist.local_world_size) - 1))
+                # Augmenting cached tiles is about a tenth of a CPU step's work (BENCHMARKS.md): one
+                # worker overlaps it with the step and leaves the other cores to the model.
+                return 1 if cores >= 2 else 0
+            return min(8, max(1, cores - 1))
         return int(workers)
+
+    def _eval_workers(self) -> int:
+        return 0 if self.device.type == "cpu" and self.cfg.data.cache else self._num_workers()
 
     def _drop_last(self) -> bool:
         # A final batch of one sample breaks BatchNorm in train mode; drop only that case.
@@ -164,14 +181,26 @@ class Trainer:
         return max(1, steps)
 
     def train_loader(self, epoch: int) -> DataLoader:
-        generator = torch.Generator().manual_seed(epoch_seed(self.cfg.run.seed, epoch))
-        sampler = dist_utils.train_sampler(self.data.train, self.dist, self.cfg.run.seed, epoch, generator)
-        workers = self._num_workers()
-        return DataLoader(
-            self.data.train, batch_size=self.cfg.optim.batch_size, sampler=sampler, num_workers=workers,
-            pin_memory=self.device.type == "cuda", drop_last=self._drop_last(), generator=generator,
-            persistent_workers=False,
-        )
+        """The training loader, set to ``epoch``. One loader for the whole run, so its workers start
+        once (``persistent_workers``); the order and every sample's augmentation are seeded from
+        (run.seed, epoch, sample), so an epoch is the same with any number of workers and after a
+        resume."""
+        if self._loader is None:
+            workers = self._num_workers()
+            self._sampler = dist_utils.EpochSampler(len(self.data.train), self.cfg.run.seed, self.dist)
+            self._loader = DataLoader(
+                self.data.train, batch_size=self.cfg.optim.batch_size, sampler=self._sampler, num_workers=workers,
+                pin_memory=self.device.type == "cuda", drop_last=self._drop_last(), persistent_workers=workers > 0,
+                # Its own generator: starting the workers must not draw from the global one, which the
+                # step's own randomness (dropout, shuffles) uses and a resume restores per epoch.
+                generator=torch.Generator().manual_seed(self.cfg.run.seed),
+            )
+        self._sampler.set_epoch(epoch)
+        return self._loader
+
+    def close(self) -> None:
+        """Stop the loader's workers (a comparison grid trains many models in one process)."""
+        self._loader = None
 
     # ----------------------------------------------------------------- checkpoints
     def metadata(self, epoch: int, val_metrics: dict) -> ModelMetadata:
@@ -188,9 +217,12 @@ class Trainer:
         return self.task.inference_model().deploy_state_dict()
 
     def save_state(self) -> None:
+        with dist_utils.unwrapped_student(self.task) as task:
+            task_state = task.state_dict()
         state = {
             "epoch": self.state.epoch,
-            "task": self.task.state_dict(),
+            "world_size": self.dist.world_size,
+            "task": task_state,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
@@ -205,10 +237,14 @@ class Trainer:
 
     def load_state(self) -> None:
         state = load_training_state(self.run_dir / STATE_NAME)
-        self.task.load_state_dict(state["task"])
+        with dist_utils.unwrapped_student(self.task) as task:
+            task.load_state_dict(state["task"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            self._restart_schedule(state["epoch"], saved_world)
         set_rng_state(state["rng"])
         self.state = TrainState(
             epoch=state["epoch"], best_score=state["best_score"], best_epoch=state["best_epoch"],
@@ -216,6 +252,20 @@ class Trainer:
         )
         self.best_weights = state["best_weights"]
         log.info("resumed %s after epoch %d", self.run_dir, self.state.epoch)
+
+    def _restart_schedule(self, epochs_done: int, saved_world: int) -> None:
+        """Another number of processes than the saved run: another global batch and number of steps
+        per epoch. The learning rate follows this run's global batch (linear scaling rule) and the
+        schedule continues at the start of the next epoch."""
+        log.warning("resuming a run of %d process(es) with %d: global batch %d -> %d; the learning-rate schedule "
+                    "continues at epoch %d with this run's steps per epoch", saved_world, self.dist.world_size,
+                    self.cfg.optim.batch_size * saved_world, self.global_batch, epochs_done + 1)
+        step = epochs_done * self.steps_per_epoch
+        self.scheduler.base_lrs = [self.base_lr for _ in self.optimizer.param_groups]
+        self.scheduler.last_epoch = step
+        for group in self.optimizer.param_groups:
+            group["initial_lr"] = self.base_lr
+            group["lr"] = self.base_lr * self._lr_lambda(step)
 
     # ----------------------------------------------------------------- the loop
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -236,9 +286,9 @@ class Trainer:
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             batch = Batch(images, targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
-            loaded = time.perf_counter()
+            loaded = self._clock()
             out = self._step(batch, epoch, step)
-            done = time.perf_counter()
+            done = self._clock()
             times.data += loaded - tick
             times.compute += done - loaded
             times.extras += self.task.extras_seconds
@@ -246,17 +296,25 @@ class Trainer:
             times.images += len(images)
             n = len(images)
             seen += n
-            sums["loss"] = sums.get("loss", 0.0) + float(out["loss"].detach()) * n
-            for name, value in out["terms"].items():
-                sums[name] = sums.get(name, 0.0) + float(value) * n
+            for name, value in out["values"].items():
+                sums[name] = sums.get(name, 0.0) + value * n
             bar.update(1)
             bar.set_postfix(loss=f"{sums['loss'] / seen:.3f}", lr=f"{self.optimizer.param_groups[0]['lr']:.2g}")
-            tick = time.perf_counter()
+            tick = self._clock()
         bar.close()
         self._accumulate_times(times)
         means = dist_utils.mean_across_ranks({k: v / max(seen, 1) for k, v in sums.items()}, self.device, self.dist)
         means.update({f"time_{k}": v for k, v in times.as_dict().items()})
+        if self.cfg.train.profile:
+            log.info("profile, epoch %d: %s", epoch + 1, describe_times(times, self._loader.num_workers))
         return means
+
+    def _clock(self) -> float:
+        """Wall-clock time; with train.profile on CUDA, after the device has finished its queued work,
+        so that waiting for data and computing are told apart."""
+        if self.cfg.train.profile and self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        return time.perf_counter()
 
     def _accumulate_times(self, times: StepTimes) -> None:
         total = self.state.times
@@ -267,10 +325,14 @@ class Trainer:
         with autocast(self.device, self.amp_dtype):
             out = self.train_model(batch)
         loss = out["loss"]
-        if not torch.isfinite(loss):
+        # One device-to-host copy per step for the loss and every term (each float() would wait once).
+        names = ["loss", *out["terms"]]
+        values = torch.stack([loss.detach().float(), *(v.float() for v in out["terms"].values())]).tolist()
+        out["values"] = dict(zip(names, values))
+        if not math.isfinite(values[0]):
             raise MomaError(
-                f"the loss became {float(loss)} at epoch {epoch + 1}, step {step + 1} "
-                f"(terms: {', '.join(f'{k}={float(v):.3g}' for k, v in out['terms'].items())}); "
+                f"the loss became {values[0]} at epoch {epoch + 1}, step {step + 1} "
+                f"(terms: {', '.join(f'{k}={v:.3g}' for k, v in list(out['values'].items())[1:])}); "
                 "lower optim.lr or the method's loss weights"
             )
         self.optimizer.zero_grad(set_to_none=True)
@@ -286,9 +348,25 @@ class Trainer:
         return out
 
     def validate(self) -> dict:
+        """Validation metrics. Several processes: each predicts every world_size-th tile, the
+        predictions are all-gathered, and every rank computes the metrics from the same numbers (so
+        all ranks make the same best-checkpoint choice)."""
         model = self.task.inference_model()
-        metrics, _ = evaluate(model, self.data.val, self.device, batch_size=max(64, self.cfg.optim.batch_size),
-                              amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+        batch_size = max(64, self.cfg.optim.batch_size)
+        if not self.dist.enabled:
+            metrics, _ = evaluate(model, self.data.val, self.device, batch_size=batch_size,
+                                  amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+            return metrics
+        val, rank, world = self.data.val, self.dist.rank, self.dist.world_size
+        shard = Subset(val, range(rank, len(val), world))
+        loader = eval_loader(shard, batch_size, num_workers=self._eval_workers(), pin_memory=self.device.type == "cuda")
+        probs, _ = predict_probs(model, loader, self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+        gathered = dist_utils.all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
+        order = torch.cat([torch.arange(r, len(val), world) for r in range(world)])
+        probs = dist_utils.unshuffle(gathered, order).numpy()
+        targets = val.targets.numpy()
+        metrics = compute_metrics(targets, probs, val.classes)
+        metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), val.targets))
         return metrics
 
     def _log_epoch(self, epoch: int, seconds: float, train: dict, val: dict) -> dict:
@@ -324,8 +402,8 @@ class Trainer:
             score = val[self.cfg.train.select_metric]
             if score > self.state.best_score:
                 self.state.best_score, self.state.best_epoch = score, epoch + 1
-                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
-                if self.dist.is_main:
+                if self.dist.is_main:  # only rank 0 writes checkpoints and the training state
+                    self.best_weights = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
                     save_model_checkpoint(self.run_dir / BEST_NAME, self.best_weights, self.metadata(epoch + 1, val))
             self.state.epoch = epoch + 1
             if self.dist.is_main:
@@ -338,8 +416,11 @@ class Trainer:
                      row["train_loss"], self.cfg.train.select_metric, score, val["accuracy"], row["seconds"])
             dist_utils.barrier(self.dist)
         bar.close()
+        self.close()
         if self.writer is not None:
             self.writer.close()
+        if self.cfg.train.profile:
+            log.info("profile, all epochs: %s", describe_times(self.state.times, self._num_workers()))
         return self.finish()
 
     def finish(self) -> dict:
@@ -376,6 +457,14 @@ class Trainer:
                         amp_dtype=self.amp_dtype, channels_last=self.channels_last)
 
 
+def describe_times(times: StepTimes, workers: int) -> str:
+    """One line for ``--profile``: the share of step time spent waiting for data, and the rest."""
+    d = times.as_dict()
+    return (f"{d['data_wait_share']:.1%} of the step time waiting for data ({d['data_wait_ms']:.1f} ms/step, "
+            f"{workers} loader worker(s)); student forward+backward and optimiser {d['forward_backward_ms']:.1f} ms, "
+            f"teacher + method {d['distill_extras_ms']:.1f} ms; {d['images_per_second']:.1f} images/s per process")
+
+
 def _load_deploy_state(model, weights: dict[str, torch.Tensor]) -> None:
     backbone = {k: v for k, v in weights.items() if not k.startswith("deploy_head.")}
     model.backbone.load_state_dict(backbone)
@@ -409,40 +498,62 @@ def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | No
     ``resume_dir`` continues an interrupted run there; ``run_dir`` names a new, empty folder to use
     instead of one derived from run.output_dir/run.name (the comparison grid names its cells)."""
     dist = dist_utils.DistInfo.from_env()
-    dist_utils.init_process_group(dist)
+    if not dist.enabled:
+        return _run_training(cfg, dist, resume_dir, run_dir)
+    device = resolve_device(cfg.run.device, dist.local_rank)
+    dist_utils.init_process_group(dist, use_cuda=device.type == "cuda")
+    package_log = logging.getLogger("moma")
+    level = package_log.level
+    if not dist.is_main:
+        package_log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
     try:
-        if resume_dir is not None:
-            run_dir = Path(resume_dir)
-        elif run_dir is not None:
-            run_dir = Path(run_dir)
-            if dist.is_main:
-                run_dir.mkdir(parents=True, exist_ok=True)
-                if any(run_dir.iterdir()):
-                    raise MomaError(f"run folder {run_dir} is not empty; runs never overwrite each other")
-        else:
-            run_dir = dist_utils.broadcast_run_dir(
-                lambda: create_run_dir(cfg.run.output_dir, cfg.run.name), dist)
-        handler = attach_log_file(run_dir) if dist.is_main else None
-        try:
-            trainer = Trainer(cfg, run_dir, resume=resume_dir is not None)
-        except BaseException:
-            if handler is not None:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
-            if resume_dir is None and dist.is_main:
-                _remove_unused_run_dir(run_dir)
-            raise
-        if dist.is_main and resume_dir is None:
-            from moma.data.splits import save_split
-
-            write_run_info(run_dir, cfg, {"setup": trainer.setup_info, "world_size": dist.world_size,
-                                          "device": str(trainer.device)})
-            save_split(trainer.data.split, run_dir / SPLIT_NAME)
-        try:
-            return trainer.fit()
-        finally:
-            if handler is not None:
-                logging.getLogger().removeHandler(handler)
-                handler.close()
+        return _run_training(cfg, dist, resume_dir, run_dir)
+    except BaseException as exc:
+        # The other ranks fail in their next collective (gloo: the peer is gone) or at its timeout
+        # (NCCL); torchrun also stops them when this process exits non-zero.
+        log.error("rank %d of %d stopped: %s: %s", dist.rank, dist.world_size, type(exc).__name__, exc)
+        raise
     finally:
+        package_log.setLevel(level)
         dist_utils.destroy_process_group(dist)
+
+
+def _run_training(cfg: Config, dist: dist_utils.DistInfo, resume_dir: Path | None, run_dir: Path | None) -> dict:
+    if resume_dir is not None:
+        run_dir = Path(resume_dir)
+    elif run_dir is not None:
+        run_dir = dist_utils.broadcast_run_dir(lambda: _claim_empty_dir(Path(run_dir)), dist)
+    else:
+        run_dir = dist_utils.broadcast_run_dir(lambda: create_run_dir(cfg.run.output_dir, cfg.run.name), dist)
+    handler = attach_log_file(run_dir) if dist.is_main else None
+    try:
+        trainer = Trainer(cfg, run_dir, resume=resume_dir is not None)
+    except BaseException:
+        _detach(handler)
+        if resume_dir is None and dist.is_main:
+            _remove_unused_run_dir(run_dir)
+        raise
+    if dist.is_main and resume_dir is None:
+        from moma.data.splits import save_split
+
+        write_run_info(run_dir, cfg, {"setup": trainer.setup_info, "world_size": dist.world_size,
+                                      "device": str(trainer.device)})
+        save_split(trainer.data.split, run_dir / SPLIT_NAME)
+    try:
+        return trainer.fit()
+    finally:
+        trainer.close()
+        _detach(handler)
+
+
+def _claim_empty_dir(run_dir: Path) -> Path:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if any(run_dir.iterdir()):
+        raise MomaError(f"run folder {run_dir} is not empty; runs never overwrite each other")
+    return run_dir
+
+
+def _detach(handler: logging.Handler | None) -> None:
+    if handler is not None:
+        logging.getLogger().removeHandler(handler)
+        handler.close()

@@ -1,0 +1,381 @@
+"""Training throughput: images per second of one training step per method, and of the input pipeline.
+
+One process, one student/teacher pair (same architecture, random weights), the shipped demo tiles
+(``data/demo/glas_colon``, 600 tiles, 2 classes) at 64 px, batch 32 by default:
+
+1. **Step cost per method.** Each variant is a real :class:`~moma.engine.trainer.Trainer` (the
+   config of ``moma distill``); its ``_step`` (task forward, backward, optimiser step,
+   ``after_step``) is timed on the same pre-loaded batches, without data loading. The variants run
+   one after the other, interleaved over several rounds with the order rotated every round, so
+   that load from other processes hits all alike; the table gives the median images/s and the
+   median per-round ratio to ``none`` (and of MoMA to ``kd``).
+
+   - ``none``: the student alone (cross-entropy).
+   - ``kd``: + one teacher pass (same classes), KL term.
+   - ``crd``: + one teacher pass, embeddings, two memory banks.
+   - ``moma-same``: MoMA with a teacher of the same classes (KL on, the faithful default): two
+     teacher passes (logits before the EMA update, keys after it), EMA update, heads, attention,
+     queue of 16384.
+   - ``moma-single``: the same with ``single_teacher_pass=true`` (one teacher pass).
+   - ``moma-cross``: a teacher of other classes (KL off): one teacher pass.
+
+2. **Input pipeline.** The training loader alone (decoded tiles cached in memory, the training
+   transforms with RandAugment) for several ``num_workers``: images/s.
+
+3. **Data wait in training.** Two short epochs of ``kd`` per ``num_workers`` setting through
+   ``Trainer.train_epoch``; the share of step time spent waiting for data in the second epoch
+   (persistent workers are already running then), as ``moma distill --profile`` reports it.
+
+4. **Where MoMA's extra time goes.** Its parts timed alone (process CPU time, median of repeats)
+   next to KD's teacher pass: the key pass with split-batch BN, the EMA update, projection heads
+   + batch attention + InfoNCE over the queue (forward and backward), the queue snapshot.
+
+Everything runs with one torch thread by default (``--threads``; part 3: ``--wait-threads``,
+e.g. 2 as a training run on 2 cores uses): step costs are given in wall-clock time and in
+process CPU time, and on a shared machine only the latter is stable (with several threads,
+OpenMP's spinning threads turn other processes' load into CPU time too).
+
+    python benchmarks/throughput.py                          # defaults, a few minutes on 2 CPU cores
+    python benchmarks/throughput.py --arch efficientnet_b0 --rounds 3 --steps 4
+    python benchmarks/throughput.py --profile moma-same      # operator profile of a few steps, then exit
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import platform
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DEMO = ROOT / "data" / "demo" / "glas_colon"
+VARIANTS = ("none", "kd", "crd", "moma-same", "moma-single", "moma-cross")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--arch", default="resnet18", help="timm name of student and teacher")
+    parser.add_argument("--data", default=str(DEMO))
+    parser.add_argument("--image-size", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--steps", type=int, default=3, help="timed steps per variant per round")
+    parser.add_argument("--warmup", type=int, default=2, help="untimed steps per variant first")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads of parts 1, 2 and 4")
+    parser.add_argument("--wait-threads", type=int, default=None,
+                        help="torch threads of part 3 (default: --threads; training uses torch's default, "
+                             f"{torch.get_num_threads()} here)")
+    parser.add_argument("--wait-repeats", type=int, default=2, help="measurements per setting in part 3")
+    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--workers", default="0,1,2,auto", help="num_workers settings of parts 2 and 3")
+    parser.add_argument("--loader-batches", type=int, default=12, help="batches per loader measurement")
+    parser.add_argument("--wait-steps", type=int, default=8, help="steps per epoch of part 3")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: steps, loader, wait, parts")
+    parser.add_argument("--repeats", type=int, default=5, help="repeats per MoMA part (part 4)")
+    parser.add_argument("--profile", choices=VARIANTS, help="torch.profiler table of a few steps of one variant")
+    return parser.parse_args(argv)
+
+
+# ---------------------------------------------------------------------------------- set-up
+
+
+def save_teacher(path: Path, arch: str, classes: list[str], image_size: int) -> Path:
+    from moma.config import IMAGENET_MEAN, IMAGENET_STD
+    from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
+    from moma.models.backbone import create_backbone
+
+    torch.manual_seed(0)
+    model = create_backbone(arch, len(classes))
+    meta = ModelMetadata(arch, classes, image_size, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    save_model_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+def variant_config(args, variant: str, workdir: Path, teachers: dict[str, Path], workers="auto"):
+    from moma.config import build_config
+
+    distill: dict = {"method": "none"}
+    if variant in ("kd", "crd"):
+        distill = {"method": variant, "teacher": str(teachers["same"])}
+    elif variant.startswith("moma"):
+        teacher = teachers["other"] if variant == "moma-cross" else teachers["same"]
+        params = {"single_teacher_pass": True} if variant == "moma-single" else {}
+        distill = {"method": "moma", "teacher": str(teacher), "params": params}
+    tree = {
+        "run": {"name": variant, "output_dir": str(workdir / "runs"), "seed": 0},
+        "data": {"source": args.data, "image_size": args.image_size, "num_workers": workers},
+        "model": {"arch": args.arch},
+        "optim": {"batch_size": args.batch_size, "epochs": 2},
+        "train": {"progress": False, "tensorboard": False},
+        "distill": distill,
+    }
+    return build_config(tree)
+
+
+def make_trainer(args, variant: str, workdir: Path, teachers: dict[str, Path], workers="auto"):
+    from moma.engine.trainer import Trainer
+
+    run_dir = workdir / f"{variant}-{workers}-{time.monotonic_ns()}"
+    run_dir.mkdir(parents=True)
+    return Trainer(variant_config(args, variant, workdir, teachers, workers), run_dir)
+
+
+def fixed_batches(trainer, count: int):
+    from moma.distill.base import Batch
+
+    loader = trainer.train_loader(0)
+    batches = []
+    for images, targets, index in loader:
+        batches.append(Batch(images.to(trainer.device), targets.to(trainer.device), index.to(trainer.device)))
+        if len(batches) == count:
+            break
+    trainer.close()
+    return batches
+
+
+def run_steps(trainer, batches, steps: int) -> tuple[float, float]:
+    """(wall, process CPU) seconds for ``steps`` training steps (task forward, backward, optimiser
+    step, after_step)."""
+    trainer.train_model.train()
+    wall, cpu = time.perf_counter(), time.process_time()
+    for i in range(steps):
+        trainer._step(batches[i % len(batches)], 0, i)
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    return time.perf_counter() - wall, time.process_time() - cpu
+
+
+# ---------------------------------------------------------------------------------- the parts
+
+
+def measure_steps(args, variants: list[str], workdir: Path, teachers: dict[str, Path]) -> dict[str, dict]:
+    trainers = {v: make_trainer(args, v, workdir, teachers) for v in variants}
+    batches = fixed_batches(trainers[variants[0]], 4)
+    for name, trainer in trainers.items():
+        run_steps(trainer, batches, args.warmup)
+    walls: dict[str, list[float]] = {v: [] for v in variants}
+    cpus: dict[str, list[float]] = {v: [] for v in variants}
+    for round_index in range(args.rounds):
+        shift = round_index % len(variants)
+        for variant in variants[shift:] + variants[:shift]:
+            wall, cpu = run_steps(trainers[variant], batches, args.steps)
+            walls[variant].append(wall / args.steps)
+            cpus[variant].append(cpu / args.steps)
+        print(f"round {round_index + 1}/{args.rounds}: "
+              + ", ".join(f"{v} {args.batch_size / walls[v][-1]:.1f}" for v in variants) + " images/s", flush=True)
+    table = {}
+    for variant in variants:
+        row = {"images_per_s": args.batch_size / statistics.median(walls[variant]),
+               "cpu_s": statistics.median(cpus[variant]), "passes": teacher_passes(trainers[variant]),
+               "raw": [round(args.batch_size / w, 1) for w in walls[variant]]}
+        for base in ("none", "kd"):
+            if base in walls:  # per-round step-time ratios, then their median
+                row[f"wall_vs_{base}"] = statistics.median(a / b for a, b in zip(walls[variant], walls[base]))
+                row[f"cpu_vs_{base}"] = statistics.median(a / b for a, b in zip(cpus[variant], cpus[base]))
+        table[variant] = row
+    return table
+
+
+def teacher_passes(trainer) -> int:
+    method = trainer.task.method
+    if trainer.task.teacher is None:
+        return 0
+    return 2 if getattr(method, "_separate_logits_pass", False) else 1
+
+
+def measure_loader(args, workdir: Path, teachers: dict[str, Path], settings: list[str]) -> dict[str, float]:
+    """Images/s of the training loader alone (cached tiles, training transforms with RandAugment)."""
+    out = {}
+    for workers in settings:
+        trainer = make_trainer(args, "none", workdir, teachers, workers)
+        loader = trainer.train_loader(0)
+        iterator = iter(loader)
+        next(iterator)  # workers started
+        start, images = time.perf_counter(), 0
+        for _ in range(args.loader_batches):
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                iterator = iter(loader)
+                batch = next(iterator)
+            images += len(batch[0])
+        out[f"{workers} ({loader.num_workers})"] = images / (time.perf_counter() - start)
+        trainer.close()
+    return out
+
+
+def measure_data_wait(args, workdir: Path, teachers: dict[str, Path], settings: list[str]) -> dict[str, dict]:
+    """Share of step time waiting for data in the second of two short kd epochs (median over
+    ``--wait-repeats`` measurements, the settings interleaved)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.wait_threads or threads)
+    rows: dict[str, list[dict]] = {}
+    for _ in range(args.wait_repeats):
+        for workers in settings:
+            trainer = make_trainer(args, "kd", workdir, teachers, workers)
+            trainer.cfg.train.max_steps_per_epoch = args.wait_steps
+            trainer.steps_per_epoch = min(trainer.steps_per_epoch, args.wait_steps)
+            trainer.train_epoch(0)
+            second = trainer.train_epoch(1)
+            rows.setdefault(f"{workers} ({trainer._loader.num_workers})", []).append(second)
+            trainer.close()
+    torch.set_num_threads(threads)
+    out = {}
+    for name, seen in rows.items():
+        out[name] = {key: statistics.median(row[f"time_{key}"] for row in seen)
+                     for key in ("data_wait_share", "data_wait_ms", "images_per_second")}
+        out[name]["raw_share"] = [round(row["time_data_wait_share"], 3) for row in seen]
+    return out
+
+
+def median_seconds(work, repeats: int) -> float:
+    """Median process CPU seconds of ``work()`` over ``repeats`` calls (after one untimed call)."""
+    work()
+    times = []
+    for _ in range(repeats):
+        start = time.process_time()
+        work()
+        times.append(time.process_time() - start)
+    return statistics.median(times)
+
+
+def measure_moma_parts(args, workdir: Path, teachers: dict[str, Path]) -> dict[str, float]:
+    """CPU seconds of MoMA's parts alone, next to KD's teacher pass and a student step."""
+    from moma.distill.moma import batchnorm_mode, pooled_features
+    from moma.models.taps import TapOutputs
+
+    kd = make_trainer(args, "kd", workdir, teachers)
+    moma = make_trainer(args, "moma-cross", workdir, teachers)
+    none = make_trainer(args, "none", workdir, teachers)
+    batch = fixed_batches(kd, 1)[0]
+    method, teacher = moma.task.method, moma.task.teacher
+    moma.train_model.train()
+    kd.train_model.train()
+    with torch.no_grad():
+        student = moma.task.student(batch.input)
+    fmap = student.feature_map.detach()
+    keys, _ = method._key_pass(teacher, batch.input)
+
+    def plain_key_pass():
+        with torch.no_grad(), batchnorm_mode(teacher, training=True):
+            out = teacher(batch.input)
+            method.embed_t(pooled_features(teacher.model, out))
+
+    def heads_attention_infonce():
+        method._pending_keys = keys
+        leaf = fmap.clone().requires_grad_(True)
+        out = TapOutputs(logits=student.logits, embedding=student.embedding, feature_map=leaf)
+        method(out, None, batch)["nce"].backward()
+
+    def student_step():
+        none._step(batch, 0, 0)
+
+    return {
+        "student step (none: forward, backward, SGD)": median_seconds(student_step, args.repeats),
+        "KD: teacher pass, eval BN, batch of 32": median_seconds(
+            lambda: kd.task.method.teacher_forward(kd.task.teacher, batch.input), args.repeats),
+        "MoMA key pass: train BN, 2 sub-batches (shuffle_bn=split), embed_t": median_seconds(
+            lambda: method._key_pass(teacher, batch.input), args.repeats),
+        "MoMA key pass: train BN, one batch (shuffle_bn=none), embed_t": median_seconds(plain_key_pass, args.repeats),
+        "MoMA EMA update (teacher + embed_t)": median_seconds(method.momentum_update, args.repeats),
+        "MoMA heads + attention + InfoNCE over the queue, forward + backward": median_seconds(
+            heads_attention_infonce, args.repeats),
+        f"  of which the queue snapshot ({method.queue.size} x {method.queue.keys.shape[1]} copy)": median_seconds(
+            method.queue.snapshot, args.repeats),
+    }
+
+
+def profile_variant(args, variant: str, workdir: Path, teachers: dict[str, Path]) -> None:
+    from torch.profiler import ProfilerActivity, profile
+
+    trainer = make_trainer(args, variant, workdir, teachers)
+    batches = fixed_batches(trainer, 2)
+    run_steps(trainer, batches, args.warmup)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_steps(trainer, batches, args.steps)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
+
+
+# ---------------------------------------------------------------------------------- report
+
+
+def machine() -> str:
+    cpu = platform.processor() or "cpu"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return (f"{cpu}, {os.cpu_count()} logical cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+            f"Python {platform.python_version()}, {platform.system()}")
+
+
+def print_report(args, steps: dict | None, loader: dict | None, wait: dict | None, parts: dict | None) -> None:
+    print(f"\nmachine: {machine()}")
+    print(f"student = teacher = {args.arch}, {args.image_size} px, batch {args.batch_size}, "
+          f"{args.rounds} rounds x {args.steps} steps (medians), {args.threads} torch thread(s)\n")
+    if steps:
+        print("| variant | teacher passes | images/s (wall) | step cost vs none: wall / CPU | vs kd: wall / CPU "
+              "| CPU s/step | per-round images/s |")
+        print("|---|---|---|---|---|---|---|")
+        for name, row in steps.items():
+            ratios = [f"{row[f'wall_vs_{b}']:.2f}x / {row[f'cpu_vs_{b}']:.2f}x" if f"wall_vs_{b}" in row else ""
+                      for b in ("none", "kd")]
+            print(f"| `{name}` | {row['passes']} | {row['images_per_s']:.1f} | {ratios[0]} | {ratios[1]} | "
+                  f"{row['cpu_s']:.3f} | {', '.join(map(str, row['raw']))} |")
+    if loader:
+        print("\n| num_workers (resolved) | loader images/s |\n|---|---|")
+        for name, rate in loader.items():
+            print(f"| {name} | {rate:.0f} |")
+    if wait:
+        print(f"\n| num_workers (resolved) | data-wait share (kd, epoch 2, {args.wait_threads or args.threads} threads) | "
+              "data wait ms/step | images/s | each measurement |")
+        print("|---|---|---|---|---|")
+        for name, row in wait.items():
+            print(f"| {name} | {row['data_wait_share']:.1%} | {row['data_wait_ms']:.1f} | "
+                  f"{row['images_per_second']:.1f} | {', '.join(f'{r:.1%}' for r in row['raw_share'])} |")
+    if parts:
+        print("\n| part (alone) | CPU ms |\n|---|---|")
+        for name, seconds in parts.items():
+            print(f"| {name} | {1000 * seconds:.1f} |")
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("moma").setLevel(logging.ERROR)
+    skip = set(filter(None, args.skip.split(",")))
+    settings = [w.strip() for w in args.workers.split(",") if w.strip()]
+    with tempfile.TemporaryDirectory(prefix="moma-throughput-") as tmp:
+        workdir = Path(tmp)
+        from moma.data.tiles import scan_tiles
+
+        classes = scan_tiles(args.data).classes
+        teachers = {"same": save_teacher(workdir / "same.safetensors", args.arch, classes, args.image_size),
+                    "other": save_teacher(workdir / "other.safetensors", args.arch,
+                                          [f"other{i}" for i in range(len(classes) + 1)], args.image_size)}
+        if args.profile:
+            profile_variant(args, args.profile, workdir, teachers)
+            return
+        variants = [v.strip() for v in args.variants.split(",") if v.strip()]
+        start = time.perf_counter()
+        steps = None if "steps" in skip else measure_steps(args, variants, workdir, teachers)
+        loader = None if "loader" in skip else measure_loader(args, workdir, teachers, settings)
+        wait = None if "wait" in skip else measure_data_wait(args, workdir, teachers, settings)
+        parts = None if "parts" in skip else measure_moma_parts(args, workdir, teachers)
+        print_report(args, steps, loader, wait, parts)
+        print(f"\n(total {time.perf_counter() - start:.0f} s)")
+
+
+if __name__ == "__main__":
+    main()
