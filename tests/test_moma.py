@@ -231,6 +231,8 @@ def test_step_under_bf16_autocast(build):
         out = task(batch_of(4))
     assert out["terms"]["nce"].dtype == torch.float32 and torch.isfinite(out["loss"])
     out["loss"].backward()
+    assert int(task.method.queue.ptr) == 0  # the keys enter the queue after the optimiser step
+    task.method.after_step()
     assert task.method.queue.keys.dtype == torch.float32 and int(task.method.queue.ptr) == 4
 
 
@@ -248,6 +250,7 @@ def test_distillation_loss_goes_down_on_a_fixed_batch(build):
         optimizer.zero_grad()
         out["loss"].backward()
         optimizer.step()
+        task.method.after_step()
         losses.append(float(out["loss"].detach()))
         nce.append(float(out["terms"]["nce"]))
     assert sum(losses[-3:]) < 0.5 * sum(losses[:3])
@@ -309,3 +312,16 @@ def test_cosine_momentum_schedule_follows_the_step_counter(build):
         get_method("moma").parse_params({"momentum_schedule": "cosine"})
     with pytest.raises(ConfigError, match="divisible"):
         get_method("moma").parse_params({"feat_dim": 130})
+
+
+def test_keys_enter_the_queue_after_the_step_and_the_logits_read_it_in_place(build):
+    task = build()
+    before = task.method.queue.keys.clone()
+    out = task(batch_of(4))
+    pending = task.method._pending_enqueue.clone()
+    out["loss"].backward()  # would raise if the queue had been written in place before backward
+    assert torch.equal(task.method.queue.keys, before) and int(task.method.queue.ptr) == 0
+    task.method.after_step()
+    assert torch.equal(task.method.queue.keys[:4], pending) and torch.equal(task.method.queue.keys[4:], before[4:])
+    task.method.after_step()  # nothing pending: no second write
+    assert int(task.method.queue.ptr) == 4

@@ -254,6 +254,7 @@ class MoMA(DistillMethod):
         kl_weight = ctx.kl_weight if ctx.kl_weight is not None else (1.0 if ctx.same_label_space else 0.0)
         self._separate_logits_pass = kl_weight > 0 and not params.single_teacher_pass
         self._pending_keys: torch.Tensor | None = None
+        self._pending_enqueue: torch.Tensor | None = None  # keys written after the optimiser step
         self._key_order: torch.Tensor | None = None  # the shuffle of this step's key pass across ranks
         log.info(
             "moma: queue %d x %d, tau %g, alpha %g (%s), %d-head batch attention (key attention %s), key pass %s, "
@@ -449,12 +450,24 @@ class MoMA(DistillMethod):
         if keys is None:  # called without teacher_forward (outside the task): do the teacher side now
             self.teacher_forward(self._taps[1], batch.input)
             keys, self._pending_keys = self._pending_keys, None
+        self._flush_enqueue()
         query = self._attend(self.atts_q, self.embed_s(pooled_features(self._student_model, student)))
         positive, enqueued = self._attend_keys(keys, self._gather_keys(keys))
-        loss = infonce_loss(query, positive, self.queue.snapshot(), self.params.temperature)
+        # The logits read the queue in place (no copy of K x D per step); the new keys are written
+        # in after_step, once backward no longer needs the values the logits were computed from.
+        loss = infonce_loss(query, positive, self.queue.keys.detach(), self.params.temperature)
         if self.training:
-            self.queue.enqueue(enqueued)
+            self._pending_enqueue = enqueued.detach()
         return {"nce": loss}
+
+    def after_step(self) -> None:
+        self._flush_enqueue()
+
+    def _flush_enqueue(self) -> None:
+        """Enqueue the keys of the last training forward (after its backward), at most once."""
+        if self._pending_enqueue is not None:
+            self.queue.enqueue(self._pending_enqueue)
+            self._pending_enqueue = None
 
 
 def _check_same_architecture(student: nn.Module, teacher: nn.Module) -> None:

@@ -31,11 +31,6 @@ class KeyQueue(nn.Module):
     def size(self) -> int:
         return self.keys.shape[0]
 
-    def snapshot(self) -> torch.Tensor:
-        """The current keys, detached and copied: the queue is overwritten in place after the
-        logits are computed, and autograd needs the values the logits were computed from."""
-        return self.keys.detach().clone()
-
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Write ``keys`` (n, dim) into the next n slots, wrapping around; the pointer advances by n.
