@@ -17,7 +17,12 @@ def main() -> int:
 
     setup_logging(verbose=False)
     start = time.perf_counter()
-    out = run_compare(ROOT / "configs" / "demo" / "demo.yaml", out_dir=Path("runs") / "demo")
+    config = ROOT / "configs" / "demo" / "demo.yaml"
+    try:  # recorded in summary.md as the command to re-run, so keep it free of this machine's paths
+        config = config.relative_to(Path.cwd())
+    except ValueError:
+        pass
+    out = run_compare(config, out_dir=Path("runs") / "demo")
     teacher = out / "teachers" / "lung"
     metrics = json.loads((teacher / "metrics.json").read_text())["best"]["test"]
     print()

@@ -399,6 +399,16 @@ def test_holdout_needs_patient_ids(tmp_path):
         write_holdout_manifests(source, tmp_path / "parts", "t", 0.5, seed=0)
 
 
+def test_holdout_by_tile_without_patient_ids(tmp_path):
+    source = make_tile_folder(tmp_path / "tiles", classes=("tumour", "stroma"), per_class=8, manifest=False)
+    teacher_csv, student_csv = write_holdout_manifests(source, tmp_path / "parts", "t", 0.25, seed=0, unit="tile")
+    teacher, student = pd.read_csv(teacher_csv), pd.read_csv(student_csv)
+    assert "group" not in teacher.columns and "group" not in student.columns
+    assert set(teacher["path"]).isdisjoint(student["path"])
+    assert len(teacher) + len(student) == 16
+    assert teacher["label"].value_counts().to_dict() == {"tumour": 2, "stroma": 2}  # stratified, 1/4 of 8 each
+
+
 # ---------------------------------------------------------------------- statistics
 def hand_results() -> pd.DataFrame:
     """Setting s: 3 folds x 2 seeds; kd = none + known differences; 'same' equals none exactly."""

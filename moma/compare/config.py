@@ -30,7 +30,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -75,6 +75,9 @@ class TeacherSpec(SectionOverrides):
     holdout: float | None = Field(None, gt=0.0, lt=1.0,
                                   description="train on this fraction of the data's patients; students get the rest")
     holdout_seed: int = 0
+    holdout_unit: Literal["patient", "tile"] = Field(
+        "patient", description="hold out whole patients (the data's group column), or single tiles for data "
+                               "without patient ids (LC25000): then the teacher may share patients with the students")
 
     @model_validator(mode="after")
     def _checkpoint_or_training(self) -> "TeacherSpec":

@@ -348,7 +348,7 @@ class Grid:
             data = build_config(tree, f"teachers.{name}").data
             teacher_csv, _ = self._holdout_paths(name)
             write_holdout_manifests(data.source, teacher_csv.parent, name, spec.holdout, spec.holdout_seed,
-                                    data.classes, data.group_column)
+                                    data.classes, data.group_column, spec.holdout_unit)
 
     def prepare_teachers(self) -> None:
         from moma.engine.checkpoint import read_metadata

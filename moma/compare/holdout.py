@@ -37,14 +37,20 @@ def teacher_groups(labels: np.ndarray, groups: np.ndarray, fraction: float, seed
 
 
 def write_holdout_manifests(source: str | Path, out_dir: Path, name: str, fraction: float, seed: int,
-                            classes: list[str] | None = None, group_column: str | None = "group") -> tuple[Path, Path]:
-    """Write ``<name>-teacher.csv`` and ``<name>-student.csv`` under ``out_dir``; returns both paths."""
+                            classes: list[str] | None = None, group_column: str | None = "group",
+                            unit: str = "patient") -> tuple[Path, Path]:
+    """Write ``<name>-teacher.csv`` and ``<name>-student.csv`` under ``out_dir``; returns both paths.
+
+    ``unit="tile"`` treats every tile as its own group (for data that publishes no patient ids);
+    the manifests then carry no group column, so the students' folds are by tile as well."""
     table = scan_tiles(source, classes, group_column)
-    if not table.has_groups:
+    if unit == "patient" and not table.has_groups:
         raise ConfigError(f"teachers.{name}.holdout: data source {source} has no '{group_column}' column of "
-                          "patient ids, so its patients cannot be held out")
+                          "patient ids, so its patients cannot be held out (set holdout_unit: tile to hold "
+                          "out single tiles instead)")
     frame = table.frame
-    groups = frame["group"].astype(str).to_numpy()
+    by_tile = unit == "tile"
+    groups = (frame["path"] if by_tile else frame["group"]).astype(str).to_numpy()
     if len(np.unique(groups)) < 2:
         raise ConfigError(f"teachers.{name}.holdout: data source {source} has fewer than 2 patients")
     chosen = teacher_groups(frame["target"].to_numpy(), groups, fraction, seed)
@@ -54,8 +60,10 @@ def write_holdout_manifests(source: str | Path, out_dir: Path, name: str, fracti
     for part, mask in (("teacher", is_teacher), ("student", ~is_teacher)):
         path = out_dir / f"{name}-{part}.csv"
         rel = [os.path.relpath(p, out_dir.resolve()) for p in frame["path"][mask]]
-        manifest = pd.DataFrame({"path": rel, "label": frame["label"][mask].to_numpy(),
-                                 group_column or "group": groups[mask]})
+        columns = {"path": rel, "label": frame["label"][mask].to_numpy()}
+        if not by_tile:
+            columns[group_column or "group"] = groups[mask]
+        manifest = pd.DataFrame(columns)
         atomic_write_text(path, manifest.to_csv(index=False))
         paths.append(path)
     return paths[0], paths[1]
