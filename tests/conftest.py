@@ -18,6 +18,21 @@ torch.set_num_threads(2)
 CLASS_COLOURS = {"tumour": (200, 60, 90), "stroma": (230, 160, 190), "immune": (70, 60, 170), "fat": (240, 240, 235)}
 
 
+def write_teacher(path: Path, class_names, arch: str = "test_resnet", seed: int | None = 0) -> Path:
+    """A randomly initialised timm model saved as a teacher checkpoint (32 px, ImageNet normalisation);
+    ``seed=None`` leaves the global RNG as it is."""
+    from moma.config import IMAGENET_MEAN, IMAGENET_STD
+    from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
+    from moma.models.backbone import create_backbone
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    model = create_backbone(arch, len(class_names))
+    meta = ModelMetadata(arch, list(class_names), 32, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    save_model_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
 def write_tile(path: Path, colour, size: int = 32, seed: int = 0, mode: str = "RGB") -> None:
     rng = np.random.default_rng(seed)
     pixels = np.clip(np.array(colour, dtype=float) + rng.normal(0, 25, (size, size, 3)), 0, 255).astype(np.uint8)

@@ -1,26 +1,17 @@
 import logging
 import math
-from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from moma.distill.base import Batch, MethodContext
 from moma.distill.crd import CRD, contrast_scores, draw_other_class_rows, draw_other_rows, momentum_update, nce_loss
-from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.trainer import Trainer
 from moma.models.taps import TapOutputs
+from conftest import write_teacher
 
 IMAGENET_TRAIN_IMAGES = 1_281_167  # what the official MoMA code sizes the bank to on every data set
 
-
-def write_teacher(path: Path, class_names: list[str], arch: str = "test_resnet") -> Path:
-    model = timm.create_model(arch, num_classes=len(class_names))
-    meta = ModelMetadata(arch=arch, class_names=class_names, image_size=32,
-                         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    save_model_checkpoint(path, model.state_dict(), meta)
-    return path
 
 
 def taps(batch: int, dim: int) -> TapOutputs:

@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from moma.engine import distributed as dist_utils
 from moma.errors import ConfigError
+from conftest import write_teacher
 
 HERE = Path(__file__).resolve()
 CLASSES = ["immune", "stroma", "tumour"]  # conftest's tile classes, sorted
@@ -189,17 +190,6 @@ def _worker(mode: str, out: Path, argv: list[str]) -> int:
     return cli.main(argv)
 
 
-def _save_teacher(path: Path) -> Path:
-    from moma.config import IMAGENET_MEAN, IMAGENET_STD
-    from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
-    from moma.models.backbone import create_backbone
-
-    torch.manual_seed(0)
-    model = create_backbone("test_resnet", len(CLASSES))
-    save_model_checkpoint(path, model.state_dict(), ModelMetadata("test_resnet", CLASSES, 32, list(IMAGENET_MEAN),
-                                                                  list(IMAGENET_STD)))
-    return path
-
 
 def _distill_args(tiles: Path, teacher: Path, runs: Path, bf16: bool = False) -> list[str]:
     return ["distill", "--data", str(tiles), "--arch", "test_resnet", "--image-size", "32", "--epochs", "1",
@@ -218,7 +208,7 @@ def _worker_env(**extra) -> dict[str, str]:
 
 @pytest.fixture
 def setup(tmp_path, tile_folder):
-    return tile_folder, _save_teacher(tmp_path / "teacher.safetensors"), tmp_path / "runs", tmp_path / "records"
+    return tile_folder, write_teacher(tmp_path / "teacher.safetensors", CLASSES), tmp_path / "runs", tmp_path / "records"
 
 
 def test_torchrun_moma_run_gathers_keys_syncs_weights_and_resumes_in_one_process(setup):

@@ -3,27 +3,18 @@ import math
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 
 from moma.distill.base import Batch
 from moma.distill.dkd import DKD, dkd_loss, warmup_factor
 from moma.distill.kd import kd_loss
 from moma.engine.builder import build_task
-from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.trainer import Trainer
+from conftest import write_teacher
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden" / "dkd.json"
 CLASSES = ["immune", "stroma", "tumour"]
 
-
-def write_teacher(path: Path, class_names: list[str], arch: str = "test_resnet") -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=len(class_names))
-    meta = ModelMetadata(arch=arch, class_names=class_names, image_size=32,
-                         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    save_model_checkpoint(path, model.state_dict(), meta)
-    return path
 
 
 @pytest.mark.parametrize("case", json.loads(GOLDEN.read_text())["cases"], ids=lambda c: c["name"])

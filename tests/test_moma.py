@@ -6,26 +6,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moma.config import IMAGENET_MEAN, IMAGENET_STD
 from moma.distill import get_method
 from moma.distill.base import Batch
 from moma.distill.moma import batchnorm_mode
 from moma.engine import trainer as trainer_module
 from moma.engine.builder import build_task
-from moma.engine.checkpoint import ModelMetadata, load_training_state, save_model_checkpoint
+from moma.engine.checkpoint import load_training_state
 from moma.engine.trainer import run_training
 from moma.errors import ConfigError
-from moma.models.backbone import create_backbone
+from conftest import write_teacher as save_teacher
 
 CLASSES = ["immune", "stroma", "tumour"]  # the tile_folder fixture's classes, sorted
 
-
-def save_teacher(path, classes=CLASSES, arch="test_resnet", seed=0):
-    torch.manual_seed(seed)
-    model = create_backbone(arch, len(classes))
-    meta = ModelMetadata(arch, list(classes), 32, list(IMAGENET_MEAN), list(IMAGENET_STD))
-    save_model_checkpoint(path, model.state_dict(), meta)
-    return path
 
 
 @pytest.fixture

@@ -1,25 +1,16 @@
-from pathlib import Path
 
 import numpy as np
 import pytest
-import timm
 import torch
 
 from moma.distill.base import Batch
 from moma.distill.semckd import SemCKD, StageAttention, batch_similarity, semckd_loss
 from moma.engine.builder import build_task
-from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.errors import ConfigError
+from conftest import write_teacher
 
 CLASSES = ["immune", "stroma", "tumour"]
 
-
-def write_teacher(path: Path, class_names: list[str], arch: str = "test_resnet") -> Path:
-    model = timm.create_model(arch, num_classes=len(class_names))
-    meta = ModelMetadata(arch=arch, class_names=class_names, image_size=32,
-                         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    save_model_checkpoint(path, model.state_dict(), meta)
-    return path
 
 
 @pytest.fixture

@@ -1,28 +1,20 @@
 from pathlib import Path
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 
 from moma.distill.base import Batch
-from moma.distill.simkd import SimKD, simkd_loss
+from moma.distill.simkd import simkd_loss
 from moma.engine.builder import build_task
-from moma.engine.checkpoint import ModelMetadata, read_metadata, save_model_checkpoint
+from moma.engine.checkpoint import read_metadata
 from moma.engine.inference import load_classifier
 from moma.engine.trainer import Trainer
 from moma.errors import ConfigError
+from conftest import write_teacher
 
 CLASSES = ["immune", "stroma", "tumour"]  # the tile folder's classes, sorted
 
-
-def write_teacher(path: Path, class_names: list[str], arch: str = "test_resnet") -> Path:
-    torch.manual_seed(0)
-    model = timm.create_model(arch, num_classes=len(class_names))
-    meta = ModelMetadata(arch=arch, class_names=class_names, image_size=32,
-                         mean=[0.485, 0.456, 0.406], std=[0.229, 0.224, 0.225])
-    save_model_checkpoint(path, model.state_dict(), meta)
-    return path
 
 
 def simkd_config(make_config, tile_folder, teacher: Path, distill: dict | None = None, **sections):

@@ -30,7 +30,6 @@ from tqdm import tqdm
 
 from moma.config import Config
 from moma.distill.base import Batch
-from moma.distill.task import DistillationTask
 from moma.engine import distributed as dist_utils
 from moma.engine.builder import DataBundle, build_data, build_task
 from moma.engine.checkpoint import (
