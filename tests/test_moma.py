@@ -251,7 +251,7 @@ def test_distillation_loss_goes_down_on_a_fixed_batch(build):
 
 
 def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder, make_config, monkeypatch):
-    teacher = save_teacher(tmp_path / "teacher.safetensors")
+    teacher = save_teacher(tmp_path / "teacher.safetensors", CLASSES)
     cfg = make_config(tile_folder, optim={"epochs": 2, "batch_size": 12},
                       distill={"method": "moma", "teacher": str(teacher), "params": {"queue_size": 20}})
     reference = run_training(cfg)["run_dir"]
