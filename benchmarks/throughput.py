@@ -28,7 +28,7 @@ One process, one student/teacher pair (same architecture, random weights), the s
 
 4. **Where MoMA's extra time goes.** Its parts timed alone (process CPU time, median of repeats)
    next to KD's teacher pass: the key pass with split-batch BN, the EMA update, projection heads
-   + batch attention + InfoNCE over the queue (forward and backward), the queue snapshot.
+   + batch attention + InfoNCE over the queue (forward and backward).
 
 Everything runs with one torch thread by default (``--threads``; part 3: ``--wait-threads``,
 e.g. 2 as a training run on 2 cores uses): step costs are given in wall-clock time and in
@@ -286,8 +286,6 @@ def measure_moma_parts(args, workdir: Path, teachers: dict[str, Path]) -> dict[s
         "MoMA EMA update (teacher + embed_t)": median_seconds(method.momentum_update, args.repeats),
         "MoMA heads + attention + InfoNCE over the queue, forward + backward": median_seconds(
             heads_attention_infonce, args.repeats),
-        f"  of which the queue snapshot ({method.queue.size} x {method.queue.keys.shape[1]} copy)": median_seconds(
-            method.queue.snapshot, args.repeats),
     }
 
 
