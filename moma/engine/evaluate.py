@@ -45,9 +45,14 @@ def eval_loader(dataset: TileDataset, batch_size: int, num_workers: int = 0, pin
 
 def evaluate(model: nn.Module, dataset: TileDataset, device: torch.device, batch_size: int = 128, **kwargs) -> tuple[dict, np.ndarray]:
     probs, targets = predict_probs(model, eval_loader(dataset, batch_size), device, **kwargs)
-    metrics = compute_metrics(targets, probs, dataset.classes)
+    return metrics_from_probs(targets, probs, dataset.classes), probs
+
+
+def metrics_from_probs(targets: np.ndarray, probs: np.ndarray, classes: list[str]) -> dict:
+    """The classification metrics and the mean negative log-likelihood of predicted probabilities."""
+    metrics = compute_metrics(targets, probs, classes)
     metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), torch.from_numpy(targets)))
-    return metrics, probs
+    return metrics
 
 
 def predictions_frame(dataset: TileDataset, probs: np.ndarray, class_names: list[str]) -> pd.DataFrame:

@@ -24,7 +24,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
@@ -41,7 +40,7 @@ from moma.engine.checkpoint import (
     set_rng_state,
 )
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
-from moma.engine.evaluate import eval_loader, evaluate, predict_probs, write_report
+from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
 from moma.engine.io import atomic_write_json, atomic_write_text
 from moma.engine.plots import plot_curves
 from moma.engine.runs import (
@@ -56,7 +55,7 @@ from moma.engine.runs import (
     write_run_info,
 )
 from moma.errors import MomaError
-from moma.metrics import compute_metrics, summary
+from moma.metrics import summary
 
 log = logging.getLogger(__name__)
 
@@ -363,10 +362,7 @@ class Trainer:
         gathered = dist_utils.all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
         order = torch.cat([torch.arange(r, len(val), world) for r in range(world)])
         probs = dist_utils.unshuffle(gathered, order).numpy()
-        targets = val.targets.numpy()
-        metrics = compute_metrics(targets, probs, val.classes)
-        metrics["loss"] = float(F.nll_loss(torch.log(torch.from_numpy(probs).clamp_min(1e-12)), val.targets))
-        return metrics
+        return metrics_from_probs(val.targets.numpy(), probs, val.classes)
 
     def _log_epoch(self, epoch: int, seconds: float, train: dict, val: dict) -> dict:
         row = {"epoch": epoch + 1, "lr": self.optimizer.param_groups[0]["lr"], "seconds": round(seconds, 3),
