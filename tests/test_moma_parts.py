@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from moma.distill.batch_attention import BatchAttention
+from moma.distill.batch_attention import BatchAttention, BatchAttentionBlock
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers, paired_parameters
-from moma.distill.moma import ProjectionHead, infonce_logits, infonce_loss, resolve_queue_size
+from moma.distill.moma import (ProjectionHead, contrast_diagnostics, infonce_logits, infonce_loss, mean_pairwise_cosine,
+                               resolve_queue_size)
 from moma.distill.queue import KeyQueue
 
 
@@ -89,6 +90,18 @@ def test_queue_state_is_persistent():
     restored = KeyQueue(4, 2)
     restored.load_state_dict(state)
     assert torch.equal(restored.keys, queue.keys) and int(restored.ptr) == 3
+
+
+def test_staged_keys_are_written_once_on_commit():
+    queue = KeyQueue(4, 2)
+    queue.stage(rows(1, 2))
+    assert int(queue.ptr) == 0 and queue.keys[:2].tolist() != rows(1, 2).tolist()
+    queue.commit()
+    assert queue.keys[:2].tolist() == rows(1, 2).tolist() and int(queue.ptr) == 2
+    queue.commit()  # nothing staged: no second write
+    assert int(queue.ptr) == 2
+    queue.stage(rows(3))
+    assert "_staged" not in queue.state_dict()  # a checkpoint is taken after the commit
 
 
 def test_queue_size_auto_is_clamped_to_the_training_set():
@@ -190,3 +203,58 @@ def test_random_init_batch_attention_maps_all_samples_to_almost_one_vector():
     off_diagonal = ~torch.eye(16, dtype=torch.bool)
     assert (plain @ plain.T)[off_diagonal].min() > 0.99
     assert (residual @ residual.T)[off_diagonal].mean() < 0.9
+
+
+@pytest.mark.parametrize("wiring", ["plain", "prenorm", "rezero"])
+def test_attention_block_wirings_by_hand(wiring):
+    torch.manual_seed(0)
+    block = BatchAttentionBlock(dim=8, num_heads=2, wiring=wiring)
+    if wiring == "rezero":
+        with torch.no_grad():
+            block.gain.fill_(0.5)
+    x = torch.randn(5, 8)
+    a = block.attention
+    layer_norm = (lambda v: F.layer_norm(v, (8,), block.norm.weight, block.norm.bias)) if wiring != "plain" else None
+    expected = {
+        "plain": lambda: a(x),
+        "prenorm": lambda: x + a(layer_norm(x)),
+        "rezero": lambda: x + 0.5 * a(layer_norm(x)),
+    }[wiring]
+    with torch.no_grad():
+        torch.testing.assert_close(block(x), expected())
+
+
+def test_rezero_block_starts_as_the_identity_and_normalize_gives_unit_vectors():
+    x = torch.randn(6, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(BatchAttentionBlock(16, 4, "rezero")(x), x)
+        out = BatchAttentionBlock(16, 4, "rezero", normalize=True)(x)
+    torch.testing.assert_close(out, F.normalize(x, dim=1))
+    with pytest.raises(ValueError, match="wiring"):
+        BatchAttentionBlock(16, 4, "sideways")
+
+
+def test_attention_block_runs_in_float32_under_bf16_autocast():
+    block = BatchAttentionBlock(16, 4, "prenorm", normalize=True)
+    x = F.normalize(torch.randn(6, 16), dim=1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = block(x)
+    assert out.dtype == torch.float32
+    torch.testing.assert_close(out, block(x))  # the same numbers as without autocast
+
+
+def test_mean_pairwise_cosine_by_hand():
+    x = torch.tensor([[1.0, 0.0], [0.0, 2.0], [3.0, 3.0]])
+    # pairs: (1,2) 0, (1,3) 1/sqrt2, (2,3) 1/sqrt2; the mean over distinct pairs
+    assert float(mean_pairwise_cosine(x)) == pytest.approx(2 / math.sqrt(2) / 3)
+    assert float(mean_pairwise_cosine(torch.ones(4, 3))) == pytest.approx(1.0)
+
+
+def test_contrast_diagnostics_by_hand():
+    query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
+    positive = torch.tensor([[1.0, 0.1], [0.0, 1.0], [0.0, 1.0]])  # query 3 scores key 2 as high as its own
+    out = contrast_diagnostics(query, positive, queue_size=99)
+    assert float(out["nce_chance"]) == pytest.approx(math.log(100))
+    assert float(out["nce_retrieval"]) == pytest.approx(2 / 3)  # argmax takes the first of a tie
+    assert float(out["nce_query_norm"]) == pytest.approx((1 + 1 + math.sqrt(2)) / 3)
+    assert float(out["nce_key_cos"]) == pytest.approx(float(mean_pairwise_cosine(positive)))

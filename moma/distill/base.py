@@ -55,6 +55,7 @@ class MethodContext:
     batch_size: int | None = None  # samples per step in one process (SemCKD embeds batch similarities)
     train_targets: torch.Tensor | None = None  # class of each training row (CRD draws negatives of other classes)
     teacher_class_order: list[int] | None = None  # teacher class index of each student class, when they differ
+    total_steps: int | None = None  # optimiser steps of the whole run (schedules tied to the run's length)
 
 
 class DistillMethod(nn.Module):
@@ -121,6 +122,10 @@ class DistillMethod(nn.Module):
 
     def after_step(self) -> None:
         """Called after each optimiser step (momentum updates, bookkeeping)."""
+
+    def on_epoch_end(self, epoch: int, train_means: dict[str, float]) -> None:
+        """Called after each training epoch with the epoch's mean of every term the method returned
+        (losses and diagnostics), e.g. to warn about a term that stopped carrying information."""
 
     def extra_parameters(self) -> int:
         """Trainable parameters the method adds beyond the student (connectors, heads)."""

@@ -1,16 +1,25 @@
 """Multi-head self-attention across the samples of a mini-batch (the "MA" of MoMA).
 
 The official code (``MoMA/criterion_moco_att.py``, class ``Attention``) is timm's ViT attention
-block applied to an (N, C) matrix of embeddings unsqueezed to one sequence: every sample of the
-batch is a token, so each output mixes information from the whole batch. There is no residual
-connection, no LayerNorm and no re-normalisation of the output.
+applied to an (N, C) matrix of embeddings unsqueezed to one sequence: every sample of the batch is
+a token, so each output mixes information from the whole batch. There it has no residual
+connection, no LayerNorm and no re-normalisation of the output (``block="plain"`` here).
+
+:class:`BatchAttentionBlock` wraps it in one of the ways a transformer sub-layer is usually wired;
+docs/moma.md ("Choosing the default") has the study that picked the default. Everything runs in
+float32 even under autocast: a fresh attention changes its inputs by about 1e-3, less than bf16's
+rounding of unit vectors, so in bf16 the per-sample signal would be rounded away.
 """
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+AttentionWiring = Literal["plain", "prenorm", "rezero"]
 
 
 def batch_attention(x: torch.Tensor, qkv: nn.Linear, proj: nn.Linear, num_heads: int) -> torch.Tensor:
@@ -46,3 +55,43 @@ class BatchAttention(nn.Module):
 
     def extra_repr(self) -> str:
         return f"num_heads={self.num_heads}"
+
+
+class BatchAttentionBlock(nn.Module):
+    r"""The batch attention :math:`A` wired as
+
+    - ``plain``: :math:`A(x)` (the official code);
+    - ``prenorm``: :math:`x + A(\mathrm{LN}(x))` (the pre-norm transformer sub-layer);
+    - ``rezero``: :math:`x + g \cdot A(\mathrm{LN}(x))` with a learnt per-channel gain :math:`g`
+      that starts at zero (LayerScale, Touvron et al. 2021; ReZero, Bachlechner et al. 2021): the
+      block starts as the identity, so training starts as plain momentum-contrastive distillation
+      and the batch context grows only where the loss rewards it.
+
+    ``normalize`` L2-normalises the output (the InfoNCE logits are then cosines over tau).
+    """
+
+    def __init__(self, dim: int, num_heads: int, wiring: AttentionWiring = "plain", normalize: bool = False):
+        super().__init__()
+        self.wiring = wiring
+        self.normalize = normalize
+        self.attention = BatchAttention(dim, num_heads)
+        if wiring not in ("plain", "prenorm", "rezero"):
+            raise ValueError(f"unknown attention wiring '{wiring}' (plain, prenorm or rezero)")
+        if wiring != "plain":
+            self.norm = nn.LayerNorm(dim)
+        if wiring == "rezero":
+            self.gain = nn.Parameter(torch.zeros(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(x.device.type, enabled=False):
+            x = x.float()
+            if self.wiring == "plain":
+                out = self.attention(x)
+            elif self.wiring == "prenorm":
+                out = x + self.attention(self.norm(x))
+            else:
+                out = x + self.gain * self.attention(self.norm(x))
+            return F.normalize(out, dim=1) if self.normalize else out
+
+    def extra_repr(self) -> str:
+        return f"wiring={self.wiring}, normalize={self.normalize}"

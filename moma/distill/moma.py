@@ -10,12 +10,18 @@ The teacher network starts from the pre-trained teacher checkpoint and is then a
 average of the student, as MoCo's key encoder. One step (docs/moma.md has the equations):
 
 1. student forward (the task);
-2. ``teacher_forward``: the teacher's logits for the shared KL term, from the teacher *before*
-   this step's update (skipped when the KL term is off), then the EMA update of teacher and key
-   head, then the key pass (teacher BatchNorm in train mode, split-batch "shuffle BN") giving
-   L2-normalised keys ``embed_t(f_t)``;
-3. ``forward``: query ``atts_q(embed_s(f_s))``, positive keys ``atts_k(k)``, keys to enqueue
-   ``atts_queue(k)``, InfoNCE over [positive, queue] at temperature tau, then enqueue.
+2. ``teacher_forward`` returns a :class:`KeyPass`: the EMA update of teacher, key head (and key
+   attention), then the key pass (teacher BatchNorm in train mode, split-batch "shuffle BN")
+   giving L2-normalised keys ``embed_t(f_t)`` and the teacher's logits for the shared KL term
+   (the official-code preset takes those from a second pass before the update, as the code);
+3. ``forward`` receives it: query ``atts_q(embed_s(f_s))``, positive keys ``atts_k(k)``, keys to
+   enqueue (the same, or ``atts_queue(k)`` in the official code), InfoNCE over [positive, queue]
+   at temperature tau, plus diagnostics; the keys are staged in the queue;
+4. ``after_step`` (after the optimiser step) writes the staged keys into the queue.
+
+The default preset differs from the published code in the batch attention (docs/moma.md, "Which
+MoMA you get"): with the code's two frozen random key attentions the contrastive term collapses
+to a shortcut after one epoch; ``distill.params.preset=official-code`` reproduces the code.
 
 Everything stateful (projection heads, attention, queue, pointer, EMA step) is a submodule or
 buffer of this method, and the teacher is a submodule of the task, so the task's state_dict is
@@ -25,7 +31,9 @@ the whole resumable state. Only the student is the deliverable.
 from __future__ import annotations
 
 import logging
+import math
 from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
 from typing import Annotated, ClassVar, Literal
 
 import torch
@@ -35,7 +43,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from moma.distill.base import Batch, DistillMethod, MethodContext, MethodParams
-from moma.distill.batch_attention import BatchAttention
+from moma.distill.batch_attention import AttentionWiring, BatchAttentionBlock
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
@@ -169,21 +177,45 @@ def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | N
 
 # ----------------------------------------------------------------------------- the method
 
+#: Each preset fills the parameters the user leaves unset. ``default`` is the design chosen on
+#: validation data (docs/moma.md, "Choosing the default"); ``official-code`` is the published code.
+PRESETS: dict[str, dict[str, object]] = {
+    "default": {"key_attention": "ema", "attention": "rezero", "normalize": True, "single_teacher_pass": True,
+                "momentum": "auto", "queue_size": "auto"},
+    "official-code": {"key_attention": "frozen", "attention": "plain", "normalize": False,
+                      "single_teacher_pass": False, "momentum": 0.999, "queue_size": PAPER_QUEUE_SIZE},
+}
+#: ``momentum: auto`` keeps the paper's ratio of run length to EMA horizon: about 5,000 optimiser
+#: steps (50 epochs of ~100 steps) for a horizon of 1 / (1 - 0.999) = 1,000 steps.
+AUTO_MOMENTUM_RATIO = 5.0
+FALLBACK_MOMENTUM = 0.999
+
 
 class MoMAParams(MethodParams):
-    momentum: float = Field(0.999, ge=0.0, lt=1.0, description="EMA coefficient alpha of teacher and key head (code: --alpha)")
+    preset: Literal["default", "official-code"] = Field(
+        "default", description="default: the design chosen on validation data; official-code: the published code "
+        "(frozen key attentions, no residual, two teacher passes). Parameters set explicitly override the preset")
+    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] | None = Field(
+        None, description="EMA coefficient alpha of teacher, key head and key attention (code: --alpha 0.999); "
+        "auto = 1 - 5 / (optimiser steps of the run), which is 0.999 at the paper's run length")
     momentum_schedule: Literal["constant", "cosine"] = Field(
         "constant", description="cosine: alpha rises from `momentum` to 1 over `momentum_steps` (BYOL / MoCo v3); not in MoMA")
     momentum_steps: int | None = Field(None, ge=1, description="optimiser steps of the cosine momentum schedule")
-    temperature: float = Field(0.15, gt=0.0, description="InfoNCE temperature tau (code: nce_t forced to 0.15 for moma)")
-    queue_size: Annotated[int, Field(ge=1)] | Literal["auto"] = Field(
-        PAPER_QUEUE_SIZE, description="negatives K (code: --nce_k); auto = min(16384, training tiles) rounded to the batch")
+    nce_temperature: float = Field(0.15, gt=0.0, description="InfoNCE temperature tau (code: nce_t forced to 0.15 for moma)")
+    queue_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
+        None, description="negatives K (code: --nce_k 16384); auto = min(16384, training tiles) rounded to the batch")
     feat_dim: int = Field(512, ge=1, description="projection width (code: --feat_dim, --head mlp)")
     num_heads: int = Field(4, ge=1, description="heads of the batch attention (hard-coded 4 in the code)")
     beta: float = Field(1.0, ge=0.0, description="weight of the nce term (code: -b, 1 in run_moma.sh)")
-    key_attention: Literal["frozen", "ema", "trainable"] = Field(
-        "frozen", description="frozen: atts_k/atts_queue stay at their random init as in the code (keys are detached); "
-        "ema: one key attention, EMA of atts_q; trainable: one key attention learnt through the positive logit")
+    key_attention: Literal["frozen", "ema"] | None = Field(
+        None, description="frozen: two key attentions (positive, enqueued) left at their random init, as the code; "
+        "ema: one key attention for both, an EMA of the query attention (the paper's figure)")
+    attention: AttentionWiring | None = Field(
+        None, description="plain: A(x) as the code; rezero: x + g*A(LN(x)) with g starting at 0; prenorm: x + A(LN(x))")
+    normalize: bool | None = Field(None, description="L2-normalise queries and keys after the attention")
+    single_teacher_pass: bool | None = Field(
+        None, description="take the KL logits from the key pass (after the EMA update): one teacher pass per step "
+        "instead of the code's two")
     teacher_buffers: Literal["keep", "copy", "ema"] = Field(
         "keep", description="teacher BatchNorm running stats: keep (own, as the code), copy or EMA the student's")
     shuffle_bn: Literal["split", "none"] = Field(
@@ -191,19 +223,70 @@ class MoMAParams(MethodParams):
     bn_splits: int = Field(2, ge=1, description="sub-batches of the split key pass (the paper ran 2 GPUs)")
     kl_teacher_bn: Literal["train", "eval"] = Field(
         "train", description="teacher BatchNorm mode of the KL logits pass (the code: train from the 2nd step of an epoch)")
-    attention_residual: bool = Field(
-        False, description="x + attention(x) instead of attention(x) (not in the code: there, the random-init batch "
-        "attention maps every sample to almost the same vector; see docs/moma.md)")
-    single_teacher_pass: bool = Field(
-        False, description="take the KL logits from the key pass (after the EMA update): one teacher pass instead of two")
 
     @model_validator(mode="after")
-    def _check(self) -> "MoMAParams":
+    def _resolve_preset(self) -> "MoMAParams":
+        for name, value in PRESETS[self.preset].items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         if self.feat_dim % self.num_heads:
             raise ValueError(f"feat_dim={self.feat_dim} must be divisible by num_heads={self.num_heads}")
         if self.momentum_schedule == "cosine" and self.momentum_steps is None:
             raise ValueError("momentum_schedule=cosine needs momentum_steps (the number of optimiser steps)")
         return self
+
+    def overridden(self) -> dict[str, object]:
+        """Parameters set explicitly that differ from the preset."""
+        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items()
+                if k in self.model_fields_set and getattr(self, k) != v}
+
+
+def resolve_momentum(requested: float | str, total_steps: int | None) -> float:
+    """``auto``: :math:`1 - 5/S` for a run of S optimiser steps (0.999 at the paper's ~5,000)."""
+    if requested != "auto":
+        return float(requested)
+    if not total_steps:
+        log.warning("moma: momentum=auto needs the run's number of optimiser steps; using %g", FALLBACK_MOMENTUM)
+        return FALLBACK_MOMENTUM
+    return max(0.0, 1.0 - AUTO_MOMENTUM_RATIO / total_steps)
+
+
+@dataclass
+class KeyPass(TapOutputs):
+    """The teacher side of one MoMA step: the teacher's outputs (logits for the KL term) and the
+    L2-normalised keys of the batch, in the batch's order. ``key_order`` is the permutation of a
+    shuffle-BN pass across processes (the queue receives the gathered keys in that order)."""
+
+    keys: torch.Tensor | None = None
+    key_order: torch.Tensor | None = None
+
+
+def contrast_diagnostics(query: torch.Tensor, positive: torch.Tensor, queue_size: int) -> dict[str, torch.Tensor]:
+    """Whether the contrastive term carries per-sample information (logged, never back-propagated):
+    its chance level ln(K + 1); the mean pairwise cosine of the queries and of the positive keys
+    within the batch (1 = every sample maps to the same vector); in-batch retrieval, the share of
+    queries whose best-scoring positive key is their own (chance 1/N); the mean query norm."""
+    with torch.no_grad():
+        n = query.shape[0]
+        scores = query.float() @ positive.float().t()
+        retrieval = (scores.argmax(dim=1) == torch.arange(n, device=query.device)).float().mean()
+        return {
+            "nce_chance": torch.tensor(math.log(queue_size + 1), device=query.device),
+            "nce_query_cos": mean_pairwise_cosine(query),
+            "nce_key_cos": mean_pairwise_cosine(positive),
+            "nce_retrieval": retrieval,
+            "nce_query_norm": query.float().norm(dim=1).mean(),
+        }
+
+
+def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
+    """Mean cosine similarity over the N(N - 1) ordered pairs of distinct rows of ``x``."""
+    n = x.shape[0]
+    if n < 2:
+        return torch.tensor(float("nan"), device=x.device)
+    unit = F.normalize(x.float(), dim=1)
+    total = unit.sum(dim=0)
+    return (total @ total - n) / (n * (n - 1))  # sum over all pairs minus the N self-pairs
 
 
 @register_method
@@ -234,32 +317,34 @@ class MoMA(DistillMethod):
         order = ctx.teacher_class_order
         # Teacher classifier row i is student row inverse[i] when the same classes come in another order.
         self.register_buffer("class_inverse", torch.argsort(torch.as_tensor(order or [], dtype=torch.long)), persistent=False)
+        self.momentum = resolve_momentum(params.momentum, ctx.total_steps)
 
         with torch.no_grad():
             in_dim = pooled_features(student, ctx.student_probe).shape[1]
         self.embed_s = ProjectionHead(in_dim, params.feat_dim)
         self.embed_t = ProjectionHead(in_dim, params.feat_dim).requires_grad_(False)  # independent init, as the code
-        self.atts_q = BatchAttention(params.feat_dim, params.num_heads)
-        self.atts_k = BatchAttention(params.feat_dim, params.num_heads)
-        if params.key_attention == "frozen":
-            self.atts_queue = BatchAttention(params.feat_dim, params.num_heads).requires_grad_(False)
-            self.atts_k.requires_grad_(False)
-        elif params.key_attention == "ema":
+        block = dict(dim=params.feat_dim, num_heads=params.num_heads, wiring=params.attention, normalize=params.normalize)
+        self.atts_q = BatchAttentionBlock(**block)
+        self.atts_k = BatchAttentionBlock(**block).requires_grad_(False)
+        if params.key_attention == "frozen":  # the code: a second random module for the enqueued keys
+            self.atts_queue = BatchAttentionBlock(**block).requires_grad_(False)
+        else:
             self.atts_k.load_state_dict(self.atts_q.state_dict())  # MoCo: the momentum copy starts equal
-            self.atts_k.requires_grad_(False)
         self.queue = KeyQueue(self._queue_size(params, ctx), params.feat_dim)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self.loss_weights = {"nce": params.beta}
 
         kl_weight = ctx.kl_weight if ctx.kl_weight is not None else (1.0 if ctx.same_label_space else 0.0)
         self._separate_logits_pass = kl_weight > 0 and not params.single_teacher_pass
-        self._pending_keys: torch.Tensor | None = None
-        self._pending_enqueue: torch.Tensor | None = None  # keys written after the optimiser step
-        self._key_order: torch.Tensor | None = None  # the shuffle of this step's key pass across ranks
+        if params.overridden():
+            log.info("moma: preset %s with %s", params.preset,
+                     ", ".join(f"{k}={v}" for k, v in params.overridden().items()))
         log.info(
-            "moma: queue %d x %d, tau %g, alpha %g (%s), %d-head batch attention (key attention %s), key pass %s, "
-            "teacher passes per step: %d", self.queue.size, params.feat_dim, params.temperature, params.momentum,
-            params.momentum_schedule, params.num_heads, params.key_attention, self._key_pass_description(),
+            "moma: preset %s; queue %d x %d, tau %g, alpha %.5g%s (%s), %d-head batch attention (%s, key attention %s%s), "
+            "key pass %s, teacher passes per step: %d", params.preset, self.queue.size, params.feat_dim,
+            params.nce_temperature, self.momentum, " (auto)" if params.momentum == "auto" else "",
+            params.momentum_schedule, params.num_heads, params.attention, params.key_attention,
+            ", L2-normalised" if params.normalize else "", self._key_pass_description(),
             2 if self._separate_logits_pass else 1,
         )
 
@@ -299,8 +384,8 @@ class MoMA(DistillMethod):
     def current_momentum(self) -> float:
         p = self.params
         if p.momentum_schedule == "cosine":
-            return cosine_momentum(p.momentum, int(self.ema_step), p.momentum_steps)
-        return p.momentum
+            return cosine_momentum(self.momentum, int(self.ema_step), p.momentum_steps)
+        return self.momentum
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(targets, sources) of the momentum update: teacher <- student, embed_t <- embed_s (and the
@@ -340,12 +425,13 @@ class MoMA(DistillMethod):
         self.ema_step += 1
 
     # --------------------------------------------------------------- teacher side of a step
-    def teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
-        """The teacher's outputs for the shared KL term, then the momentum update and the key pass.
+    def teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
+        """The teacher side of a step: the momentum update, then the key pass.
 
-        With the KL term on (and ``single_teacher_pass`` off) the logits come from a pass of the
-        teacher *before* this step's EMA update, as in the code; otherwise the key pass's outputs
-        (after the update) are returned and no separate logits pass runs."""
+        The update comes right before the key pass, as in the code, so the keys are computed by the
+        code's teacher weights. With the KL term on and ``single_teacher_pass`` off (the
+        official-code preset) the KL logits come from a separate pass *before* the update, as in
+        the code; otherwise from the key pass (a teacher one update further along)."""
         before_update = None
         if self._separate_logits_pass:
             bn_train = self.training and self.params.kl_teacher_bn == "train"
@@ -353,24 +439,26 @@ class MoMA(DistillMethod):
                 before_update = teacher(images)
         if self.training:
             self.momentum_update()
-        keys, key_pass = self._key_pass(teacher, images)
-        self._pending_keys = keys
-        return before_update if before_update is not None else key_pass
+        key_pass = self._key_pass(teacher, images)
+        if before_update is not None:
+            key_pass.logits = before_update.logits
+        return key_pass
 
-    def _key_pass(self, teacher: FeatureTap, images: torch.Tensor) -> tuple[torch.Tensor, TapOutputs]:
-        """L2-normalised keys ``embed_t(f_t)`` and the teacher's outputs, in the batch's order.
+    def _key_pass(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
+        """L2-normalised keys ``embed_t(f_t)`` with the teacher's outputs, in the batch's order.
         Teacher BatchNorm in train mode (the code's ``set_bn_train``) while training."""
         with torch.no_grad(), batchnorm_mode(teacher, training=self.training):
             out = self._shuffled_teacher_forward(teacher, images)
-            keys = self.embed_t(out.embedding)
-        return keys, out
+            with torch.autocast(images.device.type, enabled=False):
+                out.keys = self.embed_t(out.embedding.float())
+        return out
 
     def _bn_splits(self, batch_size: int) -> int:
         if self.params.shuffle_bn == "none" or not self.training:
             return 1
         return max(1, min(self.params.bn_splits, batch_size // 2))  # BatchNorm needs 2+ samples per sub-batch
 
-    def _shuffled_teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
+    def _shuffled_teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
         """Single-process stand-in for shuffle BN (MoCo sec. 3.3; the code's ``_shuffle_bn``): the batch
         is randomly permuted and cut into sub-batches that the teacher normalises separately, so a
         key's BatchNorm statistics come from other samples than its query's. Only the first
@@ -382,7 +470,7 @@ class MoMA(DistillMethod):
         splits = self._bn_splits(images.shape[0])
         if splits == 1:
             out = teacher(images)
-            return TapOutputs(logits=out.logits, embedding=pooled_features(teacher.model, out))
+            return KeyPass(logits=out.logits, embedding=pooled_features(teacher.model, out))
         order = torch.randperm(images.shape[0], device=images.device)
         pooled, logits = [], []
         for i, chunk in enumerate(images[order].tensor_split(splits)):
@@ -391,14 +479,14 @@ class MoMA(DistillMethod):
             pooled.append(pooled_features(teacher.model, out))
             logits.append(out.logits)
         restore = torch.argsort(order)
-        return TapOutputs(logits=torch.cat(logits)[restore], embedding=torch.cat(pooled)[restore])
+        return KeyPass(logits=torch.cat(logits)[restore], embedding=torch.cat(pooled)[restore])
 
-    def _shuffle_across_ranks(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
+    def _shuffle_across_ranks(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
         """Shuffle BN as the code's ``ContrastTrainer._shuffle_bn``: the images of all ranks are
         gathered, permuted by one random order drawn on rank 0 and broadcast, and each rank runs
         its teacher (BatchNorm on batch statistics) on its block of the shuffled global batch; the
         pooled features and logits are gathered and un-shuffled, and each rank keeps its own
-        samples' rows. The order is kept for :meth:`_gather_keys`."""
+        samples' rows. The order travels with the result, for :meth:`_gather_keys`."""
         rank = torch.distributed.get_rank()
         sizes = dist_utils.gather_sizes(images.shape[0], images.device)
         everyone = dist_utils.all_gather_rows(images, sizes)
@@ -410,64 +498,68 @@ class MoMA(DistillMethod):
         pooled = pooled_features(teacher.model, out)
         rows = torch.cat([pooled.float(), out.logits.float()], dim=1)
         own = dist_utils.rank_rows(dist_utils.unshuffle(dist_utils.all_gather_rows(rows, sizes), order), sizes, rank)
-        self._key_order = order
         width = pooled.shape[1]
-        return TapOutputs(logits=own[:, width:].to(out.logits.dtype), embedding=own[:, :width].to(pooled.dtype))
+        return KeyPass(logits=own[:, width:].to(out.logits.dtype), embedding=own[:, :width].to(pooled.dtype),
+                       key_order=order)
 
-    def _gather_keys(self, keys: torch.Tensor) -> torch.Tensor:
+    @staticmethod
+    def _gather_keys(keys: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
         """Keys of every process, for the queue (the code's ``all_k``). One process: its own.
         After a shuffled key pass they come in the shuffled order, as the code's ``all_k`` (each
         GPU's keys of its shuffled block, gathered)."""
-        order, self._key_order = self._key_order, None
         if not dist_utils.is_distributed():
             return keys
         everyone = dist_utils.all_gather_rows(keys)
         return everyone if order is None else everyone[order]
 
+    @torch.no_grad()
     def _attend_keys(self, keys: torch.Tensor, all_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(positive keys, keys to enqueue) after the key attention. In the code both are detached
-        before use, so ``atts_k`` and ``atts_queue`` never learn (key_attention=frozen)."""
-        mode = self.params.key_attention
-        if mode == "trainable":
-            positive = self._attend(self.atts_k, keys)
-            with torch.no_grad():
-                enqueued = positive.detach() if all_keys is keys else self._attend(self.atts_k, all_keys)
-            return positive, enqueued
-        with torch.no_grad():
-            positive = self._attend(self.atts_k, keys)
-            if mode == "frozen":
-                return positive, self._attend(self.atts_queue, all_keys)
-            return positive, positive if all_keys is keys else self._attend(self.atts_k, all_keys)
-
-    def _attend(self, attention: BatchAttention, x: torch.Tensor) -> torch.Tensor:
-        """The batch attention as in the code, or with ``attention_residual`` x + attention(x)."""
-        return x + attention(x) if self.params.attention_residual else attention(x)
+        """(positive keys, keys to enqueue) after the key attention, which never learns by gradient:
+        in the code both are detached (key_attention=frozen: two modules at their random init)."""
+        positive = self.atts_k(keys)
+        if self.params.key_attention == "frozen":
+            return positive, self.atts_queue(all_keys)
+        return positive, positive if all_keys is keys else self.atts_k(all_keys)
 
     # --------------------------------------------------------------- the loss term
     def forward(self, student: TapOutputs, teacher: TapOutputs | None, batch: Batch) -> dict[str, torch.Tensor]:
-        keys = self._pending_keys
-        self._pending_keys = None
-        if keys is None:  # called without teacher_forward (outside the task): do the teacher side now
-            self.teacher_forward(self._taps[1], batch.input)
-            keys, self._pending_keys = self._pending_keys, None
-        self._flush_enqueue()
-        query = self._attend(self.atts_q, self.embed_s(pooled_features(self._student_model, student)))
-        positive, enqueued = self._attend_keys(keys, self._gather_keys(keys))
-        # The logits read the queue in place (no copy of K x D per step); the new keys are written
-        # in after_step, once backward no longer needs the values the logits were computed from.
-        loss = infonce_loss(query, positive, self.queue.keys.detach(), self.params.temperature)
+        if not isinstance(teacher, KeyPass):  # called outside the task: do the teacher side now
+            teacher = self.teacher_forward(self._taps[1], batch.input)
+        self.queue.commit()  # the previous step's keys, if after_step was not called
+        with torch.autocast(batch.input.device.type, enabled=False):
+            features = pooled_features(self._student_model, student).float()
+            query = self.atts_q(self.embed_s(features))
+            positive, enqueued = self._attend_keys(teacher.keys, self._gather_keys(teacher.keys, teacher.key_order))
+            loss = infonce_loss(query, positive, self.queue.keys.detach(), self.params.nce_temperature)
         if self.training:
-            self._pending_enqueue = enqueued.detach()
-        return {"nce": loss}
+            self.queue.stage(enqueued)  # written after the optimiser step: backward still reads the queue
+        return {"nce": loss, **contrast_diagnostics(query, positive, self.queue.size)}
 
     def after_step(self) -> None:
-        self._flush_enqueue()
+        self.queue.commit()
 
-    def _flush_enqueue(self) -> None:
-        """Enqueue the keys of the last training forward (after its backward), at most once."""
-        if self._pending_enqueue is not None:
-            self.queue.enqueue(self._pending_enqueue)
-            self._pending_enqueue = None
+    def on_epoch_end(self, epoch: int, train_means: dict[str, float]) -> None:
+        """Warn when the epoch's mean InfoNCE says the contrastive term distils nothing."""
+        nce, chance = train_means.get("nce"), train_means.get("nce_chance")
+        if nce is None or not chance:
+            return
+        share = nce / chance
+        if share < SHORTCUT_SHARE:
+            log.warning(
+                "moma: epoch %d: L_NCE %.3g is %.2g %% of its chance level ln(K+1) = %.3g: the query finds its key "
+                "by a shortcut that carries no per-sample information. Likely cause: the key attention maps every "
+                "key of a batch to nearly one vector (key_attention=frozen, attention=plain, as preset official-code);"
+                " the default preset avoids it", epoch + 1, nce, 100 * share, chance)
+        elif share > UNINFORMATIVE_SHARE:
+            log.warning(
+                "moma: epoch %d: L_NCE %.3g is %.0f %% of its chance level ln(K+1) = %.3g: the keys carry almost no "
+                "per-sample signal. Likely causes: a temperature too high for the key spread (nce_temperature), "
+                "keys that collapse after the attention (see train_nce_key_cos in summary.csv), or too few steps",
+                epoch + 1, nce, 100 * share, chance)
+
+
+SHORTCUT_SHARE = 0.01  # L_NCE below 1 % of ln(K+1): a shortcut
+UNINFORMATIVE_SHARE = 0.95  # above 95 %: no per-sample signal
 
 
 def _check_same_architecture(student: nn.Module, teacher: nn.Module) -> None:

@@ -139,9 +139,10 @@ def check_resolution(cfg: Config, meta: ModelMetadata, origin: str) -> None:
 
 
 def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device,
-               train_targets: torch.Tensor | None = None) -> tuple[DistillationTask, dict]:
+               train_targets: torch.Tensor | None = None, total_steps: int | None = None) -> tuple[DistillationTask, dict]:
     """The distillation task for this config, on ``device``; also a dict describing the setup.
-    ``train_targets``: the class index of each training row (methods that sample by class use it)."""
+    ``train_targets``: the class index of each training row (methods that sample by class use it);
+    ``total_steps``: optimiser steps of the run (methods with schedules tied to it use it)."""
     method_cls = get_method(cfg.distill.method)
     params = method_cls.parse_params(cfg.distill.params)
     teacher = load_teacher(cfg.distill.teacher) if cfg.distill.teacher else None
@@ -176,6 +177,7 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         batch_size=cfg.optim.batch_size,
         train_targets=train_targets,
         teacher_class_order=class_order,
+        total_steps=total_steps,
     )
     method = method_cls(params, ctx).to(device)
     student.set_stages(method.student_stages)

@@ -118,8 +118,10 @@ class Trainer:
         seed_everything(cfg.run.seed)
 
         self.data: DataBundle = build_data(cfg, run_dir / SPLIT_NAME, progress=self.progress)
+        self.steps_per_epoch = self._steps_per_epoch()
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
-                                                train_targets=self.data.train.targets)
+                                                train_targets=self.data.train.targets,
+                                                total_steps=cfg.optim.epochs * self.steps_per_epoch)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -129,7 +131,6 @@ class Trainer:
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
         self.optimizer = build_optimizer(cfg, self.task.trainable_parameters(), self.global_batch)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
-        self.steps_per_epoch = self._steps_per_epoch()
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
@@ -392,6 +393,7 @@ class Trainer:
         for epoch in range(self.state.epoch, epochs):
             start = time.perf_counter()
             train = self.train_epoch(epoch)
+            self.task.method.on_epoch_end(epoch, train)
             val = self.validate()
             row = self._log_epoch(epoch, time.perf_counter() - start, train, val)
             score = val[self.cfg.train.select_metric]
@@ -441,6 +443,7 @@ class Trainer:
         results["peak_memory_mb"] = _peak_memory_mb(self.device)
         results["data"] = {name: len(ds) if ds is not None else 0 for name, ds in
                            (("train", self.data.train), ("val", self.data.val), ("test", self.data.test))}
+        results["history"] = self.state.history  # every epoch's row of summary.csv
         results["skipped_tiles"] = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
         atomic_write_json(self.run_dir / METRICS_NAME, results)
         plot_curves(pd.DataFrame(self.state.history), self.run_dir / "curves.png", self.cfg.train.select_metric)
