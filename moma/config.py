@@ -86,7 +86,8 @@ class OptimConfig(Section):
     optimizer: Literal["sgd", "adamw"] = "sgd"
     lr: float | None = Field(None, gt=0, description="absolute learning rate; overrides lr_base")
     lr_base: float = Field(0.05, gt=0, description="learning rate for a global batch of lr_base_size")
-    lr_base_size: int = Field(64, ge=1)
+    lr_base_size: int = Field(
+        128, ge=1, description="run_moma.sh: lr 0.05 with 64 images per GPU on 2 GPUs, gradients averaged (global 128)")
     momentum: float = Field(0.9, ge=0.0, lt=1.0)
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(64, ge=1, description="per process")
