@@ -13,11 +13,11 @@ One process, one student/teacher pair (same architecture, random weights), the s
    - ``none``: the student alone (cross-entropy).
    - ``kd``: + one teacher pass (same classes), KL term.
    - ``crd``: + one teacher pass, embeddings, two memory banks.
-   - ``moma-same``: MoMA with a teacher of the same classes (KL on, the faithful default): two
-     teacher passes (logits before the EMA update, keys after it), EMA update, heads, attention,
-     queue of 16384.
-   - ``moma-single``: the same with ``single_teacher_pass=true`` (one teacher pass).
-   - ``moma-cross``: a teacher of other classes (KL off): one teacher pass.
+   - ``moma``: MoMA's default preset with a teacher of the same classes (KL on): one teacher pass
+     (keys and KL logits), EMA update, heads, batch attention, queue (``auto``: the training set).
+   - ``moma-official``: ``preset=official-code``: two teacher passes (logits before the EMA update,
+     keys after it), two frozen key attentions, queue of 16384.
+   - ``moma-cross``: the default with a teacher of other classes (KL off): one teacher pass.
 
 2. **Input pipeline.** The training loader alone (decoded tiles cached in memory, the training
    transforms with RandAugment) for several ``num_workers``: images/s.
@@ -37,7 +37,7 @@ OpenMP's spinning threads turn other processes' load into CPU time too).
 
     python benchmarks/throughput.py                          # defaults, a few minutes on 2 CPU cores
     python benchmarks/throughput.py --arch efficientnet_b0 --rounds 3 --steps 4
-    python benchmarks/throughput.py --profile moma-same      # operator profile of a few steps, then exit
+    python benchmarks/throughput.py --profile moma-official     # operator profile of a few steps, then exit
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "glas_colon"
-VARIANTS = ("none", "kd", "crd", "moma-same", "moma-single", "moma-cross")
+VARIANTS = ("none", "kd", "crd", "moma", "moma-official", "moma-cross")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +105,7 @@ def variant_config(args, variant: str, workdir: Path, teachers: dict[str, Path],
         distill = {"method": variant, "teacher": str(teachers["same"])}
     elif variant.startswith("moma"):
         teacher = teachers["other"] if variant == "moma-cross" else teachers["same"]
-        params = {"single_teacher_pass": True} if variant == "moma-single" else {}
+        params = {"preset": "official-code"} if variant == "moma-official" else {}
         distill = {"method": "moma", "teacher": str(teacher), "params": params}
     tree = {
         "run": {"name": variant, "output_dir": str(workdir / "runs"), "seed": 0},
@@ -260,7 +260,7 @@ def measure_moma_parts(args, workdir: Path, teachers: dict[str, Path]) -> dict[s
     with torch.no_grad():
         student = moma.task.student(batch.input)
     fmap = student.feature_map.detach()
-    keys, _ = method._key_pass(teacher, batch.input)
+    key_pass = method._key_pass(teacher, batch.input)
 
     def plain_key_pass():
         with torch.no_grad(), batchnorm_mode(teacher, training=True):
@@ -268,10 +268,9 @@ def measure_moma_parts(args, workdir: Path, teachers: dict[str, Path]) -> dict[s
             method.embed_t(pooled_features(teacher.model, out))
 
     def heads_attention_infonce():
-        method._pending_keys = keys
         leaf = fmap.clone().requires_grad_(True)
         out = TapOutputs(logits=student.logits, embedding=student.embedding, feature_map=leaf)
-        method(out, None, batch)["nce"].backward()
+        method(out, key_pass, batch)["nce"].backward()
 
     def student_step():
         none._step(batch, 0, 0)

@@ -24,6 +24,21 @@ def _test_metrics(results: dict, tag: str) -> dict[str, float]:
     return {f"{tag}_{m}": float(test.get(m, NAN)) for m in METRICS}
 
 
+def _validation_metrics(results: dict) -> dict[str, float]:
+    """The best-by-validation model's validation metrics (what model and method choices may use)."""
+    val = (results.get("best") or {}).get("val") or {}
+    return {f"val_{m}": float(val.get(m, NAN)) for m in METRICS}
+
+
+def _method_diagnostics(results: dict) -> dict[str, float]:
+    """The last epoch's mean of every term the method logged (losses and diagnostics such as MoMA's
+    nce, nce_chance, nce_retrieval), as ``diag_<term>``; the loss and the timings are left out."""
+    history = results.get("history") or []
+    last = history[-1] if history else {}
+    return {f"diag_{k.removeprefix('train_')}": float(v) for k, v in last.items()
+            if k.startswith("train_") and k != "train_loss"}
+
+
 def _external_metrics(run_dir: Path) -> dict[str, float]:
     path = run_dir / EXTERNAL_DIR / "metrics_eval.json"
     metrics = json.loads(path.read_text()) if path.is_file() else {}
@@ -42,6 +57,8 @@ def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: st
     row.update(best_epoch=results.get("best_epoch", NAN), epochs=results.get("epochs", NAN))
     row.update(_test_metrics(results, "best"))
     row.update(_test_metrics(results, "last"))
+    row.update(_validation_metrics(results))
+    row.update(_method_diagnostics(results))
     if any(setting.external_test for setting in cfg.settings.values()):
         row.update(_external_metrics(run_dir))
     environment = run_dir / "environment.json"
