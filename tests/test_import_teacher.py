@@ -18,6 +18,8 @@ from safetensors.torch import save_file
 
 from conftest import make_tile_folder
 from moma.cli import main
+from moma.config import build_config
+from moma.distill import Batch, all_methods
 from moma.engine.builder import build_task, load_teacher
 from moma.engine.checkpoint import read_metadata
 from moma.errors import ConfigError
@@ -268,3 +270,36 @@ def test_a_features_only_checkpoint_cannot_predict(tmp_path, capsys):
     make_tile_folder(tmp_path / "tiles", per_class=1, manifest=False)
     code, err = run_cli(capsys, "predict", tmp_path / "t.safetensors", tmp_path / "tiles", "--out", tmp_path / "p.csv")
     assert_one_line_error(code, err, "features-only teacher")
+
+
+FEATURE_METHODS = sorted(name for name, cls in all_methods().items() if cls.requires_teacher and not cls.logit_based)
+
+
+def test_the_feature_methods_are_the_ones_the_docs_list():
+    assert FEATURE_METHODS == sorted(["moma", "fitnet", "at", "sp", "cc", "rkd", "pkt", "vid", "crd", "semckd"])
+
+
+@pytest.fixture(scope="module")
+def features_only_teacher(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("fo")
+    torch.save(timm_model().state_dict(), folder / "w.pth")
+    assert main(["import-teacher", str(folder / "w.pth"), "--arch", "test_resnet", "--features-only",
+                 "--image-size", "32", "--out", str(folder / "t.safetensors")]) == 0
+    return folder / "t.safetensors"
+
+
+@pytest.mark.parametrize("method", FEATURE_METHODS)
+def test_every_feature_method_takes_a_step_with_a_features_only_teacher(method, features_only_teacher):
+    params = {"moma": {"queue_size": 16}, "crd": {"nce_k": 8}}.get(method, {})
+    cfg = build_config({"data": {"image_size": 32}, "model": {"arch": "test_resnet"}, "optim": {"batch_size": 8},
+                        "distill": {"method": method, "teacher": str(features_only_teacher), "params": params}})
+    torch.manual_seed(0)
+    task, info = build_task(cfg, CLASSES, 32, torch.device("cpu"), train_targets=torch.arange(32) % 3)
+    assert not info["same_label_space"] and task.kl_weight == 0.0
+    task.train()
+    index = torch.arange(8)
+    out = task(Batch(input=torch.randn(8, 3, 32, 32), target=index % 3, index=index))
+    out["loss"].backward()
+    assert torch.isfinite(out["loss"]) and out["output"].shape == (8, 3)
+    student_grads = [p.grad for p in task.student.parameters() if p.grad is not None]
+    assert student_grads and any(g.abs().sum() > 0 for g in student_grads)
