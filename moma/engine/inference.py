@@ -24,7 +24,7 @@ from moma.models.backbone import create_backbone, load_backbone_weights
 log = logging.getLogger(__name__)
 
 
-def load_classifier(path: str | Path, device: torch.device) -> tuple[DeployedClassifier, ModelMetadata]:
+def load_classifier(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
     if Path(path).suffix == ".onnx":
         from moma.engine.onnx_runtime import load_onnx_classifier
 

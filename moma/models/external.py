@@ -138,7 +138,6 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 class FolderConfig:
     arch: str
     class_names: list[str] | None
-    num_classes: int | None
     image_size: int | None
     mean: tuple[float, ...] | None
     std: tuple[float, ...] | None
@@ -177,7 +176,6 @@ def parse_timm_config(raw: dict, origin: Path) -> FolderConfig:
     return FolderConfig(
         arch=arch,
         class_names=[str(n) for n in names] if names else None,
-        num_classes=raw.get("num_classes", pretrained.get("num_classes")),
         image_size=int(input_size[-1]) if input_size else None,
         mean=tuple(pretrained["mean"]) if "mean" in pretrained else None,
         std=tuple(pretrained["std"]) if "std" in pretrained else None,
