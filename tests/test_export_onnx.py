@@ -16,7 +16,8 @@ from moma.cli import main
 from moma.engine.export import export_onnx
 from moma.data.dataset import TileDataset
 from moma.engine.evaluate import eval_loader, predict_probs
-from moma.engine.inference import _folder_table, eval_transform, load_classifier, predict_folder
+from moma.data.tiles import TileTable, scan_tiles
+from moma.engine.inference import eval_transform, load_classifier, predict_folder
 from moma.engine.trainer import Trainer
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo" / "lc25000_lung"
@@ -66,7 +67,9 @@ def test_onnx_runtime_matches_pytorch_on_the_shipped_tiles_with_a_dynamic_batch(
     # unrounded: the same tiles, read and normalised once, through both models
     model, meta = load_classifier(checkpoint, cpu)
     onnx_model, _ = load_classifier(onnx_path, cpu)
-    dataset = TileDataset(_folder_table(tiles), meta.image_size, eval_transform(meta), cache=True)
+    table = scan_tiles(DEMO)
+    table = TileTable(table.source, table.frame[table.frame["label"] == tiles.name].reset_index(drop=True), table.classes)
+    dataset = TileDataset(table, meta.image_size, eval_transform(meta), cache=True)
     torch_probs, _ = predict_probs(model, eval_loader(dataset, 48), cpu)
     onnx_probs, _ = predict_probs(onnx_model, eval_loader(dataset, 48), cpu)
     delta = np.abs(onnx_probs - torch_probs).max()
