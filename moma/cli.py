@@ -191,6 +191,27 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_import_teacher(args) -> int:
+    from moma.engine.teacher_import import import_teacher, parse_floats
+
+    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
+    meta = import_teacher(args.source, args.out, arch=args.arch, class_names=classes, features_only=args.features_only,
+                          image_size=args.image_size, mpp=args.mpp, mean=parse_floats(args.mean, "--mean"),
+                          std=parse_floats(args.std, "--std"))
+    kind = f"{meta.num_classes} classes ({', '.join(meta.class_names)})" if meta.class_names else "features only"
+    print(f"teacher {meta.arch}, {kind}, {meta.image_size} px, mean {meta.mean}, std {meta.std} -> {args.out}")
+    return 0
+
+
+def cmd_export(args) -> int:
+    from moma.engine.export import export_onnx
+
+    report = export_onnx(args.checkpoint, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch)
+    print(f"{report['arch']} ({report['classes']} classes, input {report['input_shape']}) -> {args.out}; "
+          f"max |delta prob| vs PyTorch on a test batch: {report['max_prob_diff']:.2e}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moma", description="Knowledge distillation for histopathology tile classifiers (MoMA and baselines).")
     parser.add_argument("--version", action="version", version=f"moma-distill {__version__}")
@@ -221,13 +242,36 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=cmd_evaluate)
 
     predict = sub.add_parser("predict", help="predict every tile in a folder; writes a CSV")
-    predict.add_argument("checkpoint")
+    predict.add_argument("checkpoint", help="a .safetensors checkpoint, a run folder or an exported .onnx file")
     predict.add_argument("folder")
     predict.add_argument("--out", default="predictions.csv")
     predict.add_argument("--batch-size", type=int, default=128)
     predict.add_argument("--device", default="auto")
     predict.add_argument("--skip-bad", action="store_true")
     predict.set_defaults(func=cmd_predict)
+
+    imported = sub.add_parser("import-teacher", help="turn an external model (timm/torchvision weights, a timm folder) "
+                                                     "into a teacher checkpoint")
+    imported.add_argument("source", help="weights file (.safetensors/.pth/.pt/.bin) or a timm save_pretrained folder")
+    imported.add_argument("--arch", help="timm model name (read from config.json for a folder)")
+    labels = imported.add_mutually_exclusive_group()
+    labels.add_argument("--classes", help="class names in the classifier's output order, comma-separated")
+    labels.add_argument("--features-only", action="store_true",
+                        help="drop the classifier: a teacher for feature methods (moma, crd, fitnet, ...)")
+    imported.add_argument("--image-size", type=int, help="tile size in pixels the teacher expects (default: its config)")
+    imported.add_argument("--mpp", type=float, help="microns per pixel of the teacher's training tiles")
+    imported.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 (default: its config)")
+    imported.add_argument("--std", help="normalisation std, e.g. 0.229,0.224,0.225 (default: its config)")
+    imported.add_argument("--out", required=True, help="teacher checkpoint to write (.safetensors)")
+    imported.set_defaults(func=cmd_import_teacher)
+
+    export = sub.add_parser("export", help="export a student checkpoint for deployment (ONNX)")
+    export.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")
+    export.add_argument("--format", default="onnx", choices=["onnx"])
+    export.add_argument("--opset", type=int, default=17, help="ONNX opset version (default 17)")
+    export.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch of 1)")
+    export.add_argument("--out", required=True, help="the .onnx file to write")
+    export.set_defaults(func=cmd_export)
 
     info = sub.add_parser("info", help="show a checkpoint's metadata")
     info.add_argument("checkpoint")

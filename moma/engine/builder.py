@@ -150,6 +150,12 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         raise ConfigError(f"distill.method '{method_cls.name}' needs a teacher: set distill.teacher (or --teacher) to a checkpoint")
     if teacher is not None:
         check_resolution(cfg, teacher.meta, f"teacher {cfg.distill.teacher}")
+    if teacher is not None and method_cls.logit_based and not teacher.meta.class_names:
+        usable = [name for name, cls in all_methods().items() if cls.requires_teacher and not cls.logit_based]
+        raise ConfigError(
+            f"distill.method '{method_cls.name}' needs the teacher's class outputs, but teacher {cfg.distill.teacher} "
+            f"is features-only (imported without a classifier); use a feature method: {', '.join(usable)}"
+        )
     same_labels = teacher is not None and sorted(teacher.meta.class_names) == sorted(classes)
     if method_cls.logit_based and not same_labels:
         usable = [name for name, cls in all_methods().items() if not cls.logit_based]

@@ -18,14 +18,21 @@ from moma.distill.task import DeployedClassifier
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_report, eval_loader
 from moma.engine.io import atomic_write_text
-from moma.errors import DataError
+from moma.errors import CheckpointError, DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
 
 log = logging.getLogger(__name__)
 
 
-def load_classifier(path: str | Path, device: torch.device) -> tuple[DeployedClassifier, ModelMetadata]:
+def load_classifier(path: str | Path, device: torch.device) -> tuple[torch.nn.Module, ModelMetadata]:
+    if Path(path).suffix == ".onnx":
+        from moma.engine.onnx_runtime import load_onnx_classifier
+
+        return load_onnx_classifier(path, device)
     state, meta = load_model_checkpoint(path)
+    if not meta.class_names:
+        raise CheckpointError(f"checkpoint {path} is a features-only teacher (no classifier): it cannot classify "
+                              "tiles; use it as --teacher for a feature method")
     backbone = create_backbone(meta.arch, meta.num_classes)
     head = None
     if meta.head is not None:

@@ -1,0 +1,399 @@
+"""Weights trained elsewhere, read safely and fitted to a timm architecture.
+
+Reads a timm state dict (``.safetensors``, or a torch file ``.pth``/``.pt``/``.bin``, bare or
+wrapped in ``state_dict``/``model``, with ``module.`` prefixes), a folder in the layout of timm's
+``save_pretrained``/``push_to_hub`` (``config.json`` + ``model.safetensors`` or
+``pytorch_model.bin``), and renames two foreign layouts to timm's: torchvision EfficientNet
+(``features.*``) and EfficientNet-PyTorch (``_conv_stem``/``_blocks.N``), the latter being what
+the official MoMA code trains. torchvision ResNets already use timm's names.
+
+Torch files are opened with ``torch.load(weights_only=True)``: a pickle that needs anything but
+tensors and plain containers is refused, never executed. The format is told from the file's
+first bytes, not its suffix.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import pickle
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import timm
+import torch
+from torch import nn
+
+from moma.errors import CheckpointError, ConfigError
+
+log = logging.getLogger(__name__)
+
+WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "network", "state_dict_ema")
+PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
+CONFIG_FILE = "config.json"
+FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
+# timm config.json model_args that do not change the weights' layout (others would need to be
+# passed to create_model, which a teacher checkpoint cannot record).
+HARMLESS_MODEL_ARGS = {"num_classes", "in_chans", "global_pool", "drop_rate", "drop_path_rate"}
+
+
+@dataclass
+class ExternalModel:
+    """An external model fitted to a timm architecture."""
+
+    arch: str
+    state: dict[str, torch.Tensor]  # timm keys, loads strictly into create_model(arch, num_classes)
+    num_classes: int  # 0: features only (no classifier)
+    class_names: list[str] | None  # from a timm folder's config.json, when it names them
+    image_size: int | None  # from config.json or timm's default for the architecture
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+    layout: str  # which naming the weights came in: timm, torchvision-efficientnet, efficientnet-pytorch
+
+
+# ---------------------------------------------------------------- reading files
+
+
+def detect_format(path: Path) -> str:
+    """'safetensors', 'torch-zip', 'pickle' from the first bytes; raises for anything else."""
+    with open(path, "rb") as handle:
+        head = handle.read(16)
+    if head[:4] == b"PK\x03\x04":
+        return "torch-zip"
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return "pickle"
+    if len(head) >= 9:
+        size = int.from_bytes(head[:8], "little")
+        if 0 < size < 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    raise CheckpointError(
+        f"{path}: unknown weights format (not safetensors, not a torch.save file); give a .safetensors, "
+        ".pth/.pt/.bin state dict or a timm save_pretrained folder"
+    )
+
+
+def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
+    """A flat ``name -> tensor`` dict from a weights file, unwrapped and without DDP prefixes."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such file")
+    if detect_format(path) == "safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            data = load_file(str(path))
+        except Exception as exc:  # safetensors raises several types for a corrupt header
+            raise CheckpointError(f"{path}: not a readable safetensors file ({exc})") from None
+    else:
+        data = _torch_load_safely(path)
+    return strip_prefixes(unwrap_state_dict(data, path))
+
+
+def _torch_load_safely(path: Path):
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        needed = re.search(r"GLOBAL ([\w.]+)", str(exc))
+        what = f"'{needed.group(1)}'" if needed else "objects other than tensors and plain containers"
+        raise CheckpointError(
+            f"{path}: refused: the pickle needs {what}, and loading it could run code; re-save the weights "
+            "with torch.save(model.state_dict(), ...) or as .safetensors"
+        ) from None
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot be read by torch.load ({type(exc).__name__}: {exc})") from None
+
+
+def unwrap_state_dict(data, origin: Path) -> dict[str, torch.Tensor]:
+    """Descend through wrapper dicts (``{"state_dict": ...}``, ``{"model": ...}``) to the tensors."""
+    for _ in range(4):
+        if isinstance(data, dict) and data and all(isinstance(v, torch.Tensor) for v in data.values()):
+            return dict(data)
+        if not isinstance(data, dict):
+            break
+        inner = next((data[k] for k in WRAPPER_KEYS if isinstance(data.get(k), dict)), None)
+        if inner is None:
+            tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+            if tensors:  # a state dict with a few non-tensor extras (e.g. an epoch counter)
+                return tensors
+            break
+        data = inner
+    found = ", ".join(map(str, list(data)[:5])) if isinstance(data, dict) else type(data).__name__
+    raise CheckpointError(
+        f"{origin}: no state dict found (top-level: {found}); expected tensors, or a dict holding them under "
+        f"one of: {', '.join(WRAPPER_KEYS)}"
+    )
+
+
+def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        while key.startswith(PREFIXES):  # DDP around a compiled model gives 'module._orig_mod.'
+            key = key.split(".", 1)[1]
+        out[key] = value
+    return out
+
+
+@dataclass
+class FolderConfig:
+    arch: str
+    class_names: list[str] | None
+    image_size: int | None
+    mean: tuple[float, ...] | None
+    std: tuple[float, ...] | None
+
+
+def read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], FolderConfig]:
+    """Weights and configuration from a folder written by timm's ``save_pretrained``/``push_to_hub``."""
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(f"{folder}: not a timm model folder (no {CONFIG_FILE}); give a weights file and --arch instead")
+    try:
+        raw = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
+    weights = next((folder / name for name in FOLDER_WEIGHTS if (folder / name).is_file()), None)
+    if weights is None:
+        raise CheckpointError(f"{folder}: has {CONFIG_FILE} but neither {' nor '.join(FOLDER_WEIGHTS)}")
+    return read_weights_file(weights), parse_timm_config(raw, config_path)
+
+
+def parse_timm_config(raw: dict, origin: Path) -> FolderConfig:
+    pretrained = raw.get("pretrained_cfg", raw)  # older exports keep everything at the top level
+    arch = raw.get("architecture") or pretrained.get("architecture")
+    if not arch:
+        raise CheckpointError(f"{origin}: no 'architecture' key; give the weights file with --arch instead")
+    extra = sorted(set(raw.get("model_args", {})) - HARMLESS_MODEL_ARGS)
+    if extra:
+        raise CheckpointError(f"{origin}: model_args {', '.join(extra)} change the architecture '{arch}', which a "
+                              "teacher checkpoint cannot record; export the model with default arguments")
+    if raw.get("model_args", {}).get("in_chans", 3) != 3:
+        raise CheckpointError(f"{origin}: the model takes {raw['model_args']['in_chans']} input channels; tiles are RGB (3)")
+    names = raw.get("label_names", pretrained.get("label_names", raw.get("labels")))
+    if isinstance(names, dict):  # {index: name}
+        names = [names[k] for k in sorted(names, key=int)]
+    input_size = pretrained.get("input_size")
+    return FolderConfig(
+        arch=arch,
+        class_names=[str(n) for n in names] if names else None,
+        image_size=int(input_size[-1]) if input_size else None,
+        mean=tuple(pretrained["mean"]) if "mean" in pretrained else None,
+        std=tuple(pretrained["std"]) if "std" in pretrained else None,
+    )
+
+
+# ---------------------------------------------------------------- foreign layouts
+
+
+def rename_to_timm(state: dict[str, torch.Tensor], model: nn.Module) -> tuple[dict[str, torch.Tensor], str]:
+    """Rename torchvision EfficientNet or EfficientNet-PyTorch keys to timm's; others pass as they are."""
+    if "features.0.0.weight" in state and any(k.startswith("features.1.0.block.") for k in state):
+        return _from_torchvision_efficientnet(state, model), "torchvision-efficientnet"
+    stem = next((k for k in state if k.endswith("_conv_stem.weight")), None)
+    if stem is not None:
+        prefix = stem.removesuffix("_conv_stem.weight")  # the official MoMA wrapper may nest the network
+        return _from_efficientnet_pytorch(state, model, prefix), "efficientnet-pytorch"
+    return state, "timm"
+
+
+def _timm_blocks(model: nn.Module) -> list[str]:
+    """Names of timm EfficientNet blocks in order ('blocks.0.0', ...); empty for other families."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.Sequential) or not hasattr(model, "conv_stem"):
+        return []
+    return [f"blocks.{s}.{b}" for s, stage in enumerate(blocks) for b in range(len(stage))]
+
+
+def _need_timm_efficientnet(model: nn.Module, layout: str) -> list[str]:
+    blocks = _timm_blocks(model)
+    if not blocks:
+        raise CheckpointError(f"the weights are a {layout} EfficientNet; choose a timm EfficientNet for --arch "
+                              "(e.g. efficientnet_b0 for B0)")
+    return blocks
+
+
+# torchvision MBConv sub-module index -> timm name (expand ratio 1 blocks have no expansion conv)
+_TV_DEPTHWISE_SEPARABLE = {"block.0.0": "conv_dw", "block.0.1": "bn1", "block.1.fc1": "se.conv_reduce",
+                           "block.1.fc2": "se.conv_expand", "block.2.0": "conv_pw", "block.2.1": "bn2"}
+_TV_INVERTED_RESIDUAL = {"block.0.0": "conv_pw", "block.0.1": "bn1", "block.1.0": "conv_dw", "block.1.1": "bn2",
+                         "block.2.fc1": "se.conv_reduce", "block.2.fc2": "se.conv_expand", "block.3.0": "conv_pwl",
+                         "block.3.1": "bn3"}
+
+
+def _from_torchvision_efficientnet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    blocks = _need_timm_efficientnet(model, "torchvision")
+    stages = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.")})
+    head_stage = stages[-1]
+    tv_blocks = sorted({tuple(map(int, k.split(".")[1:3])) for k in state
+                        if k.startswith("features.") and ".block." in k})
+    if len(tv_blocks) != len(blocks):
+        raise CheckpointError(f"torchvision EfficientNet with {len(tv_blocks)} blocks, timm '{_arch(model)}' has "
+                              f"{len(blocks)}; pick the matching variant (B0 has 16)")
+    block_name = dict(zip(tv_blocks, blocks))
+    fixed = {"features.0.0": "conv_stem", "features.0.1": "bn1", f"features.{head_stage}.0": "conv_head",
+             f"features.{head_stage}.1": "bn2", "classifier.1": "classifier"}
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.rpartition(".")
+        if module in fixed:
+            out[f"{fixed[module]}.{leaf}"] = value
+            continue
+        parts = module.split(".")
+        if parts[0] == "features" and len(parts) > 3 and parts[3] == "block":
+            stage, index = int(parts[1]), int(parts[2])
+            has_expansion = f"features.{stage}.{index}.block.3.0.weight" in state
+            table = _TV_INVERTED_RESIDUAL if has_expansion else _TV_DEPTHWISE_SEPARABLE
+            sub = ".".join(parts[3:])
+            if sub in table:
+                out[f"{block_name[(stage, index)]}.{table[sub]}.{leaf}"] = value
+                continue
+        out[key] = value  # left as it is: the fit check names it
+    return out
+
+
+# EfficientNet-PyTorch block member -> timm name, without and with an expansion conv
+_EP_DEPTHWISE_SEPARABLE = {"_depthwise_conv": "conv_dw", "_bn1": "bn1", "_se_reduce": "se.conv_reduce",
+                           "_se_expand": "se.conv_expand", "_project_conv": "conv_pw", "_bn2": "bn2"}
+_EP_INVERTED_RESIDUAL = {"_expand_conv": "conv_pw", "_bn0": "bn1", "_depthwise_conv": "conv_dw", "_bn1": "bn2",
+                         "_se_reduce": "se.conv_reduce", "_se_expand": "se.conv_expand", "_project_conv": "conv_pwl",
+                         "_bn2": "bn3"}
+_EP_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", "_bn1": "bn2", "_fc": "classifier",
+           "classifier_.1": "classifier"}  # classifier_.1: the official MoMA code's head (Dropout, Linear)
+
+
+def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
+    blocks = _need_timm_efficientnet(model, "EfficientNet-PyTorch")
+    indices = sorted({int(k[len(prefix):].split(".")[1]) for k in state if k[len(prefix):].startswith("_blocks.")})
+    if len(indices) != len(blocks):
+        raise CheckpointError(f"EfficientNet-PyTorch weights with {len(indices)} blocks, timm '{_arch(model)}' has "
+                              f"{len(blocks)}; pick the matching variant (B0 has 16)")
+    out = {}
+    for key, value in state.items():
+        module, _, leaf = key.removeprefix(prefix).rpartition(".")
+        if module in _EP_TOP:
+            out[f"{_EP_TOP[module]}.{leaf}"] = value
+        elif module.startswith("_blocks."):
+            _, index, member = module.split(".", 2)
+            expands = f"{prefix}_blocks.{index}._expand_conv.weight" in state
+            table = _EP_INVERTED_RESIDUAL if expands else _EP_DEPTHWISE_SEPARABLE
+            out[f"{blocks[int(index)]}.{table.get(member, member)}.{leaf}"] = value
+        else:
+            out[key] = value
+    return out
+
+
+def _arch(model: nn.Module) -> str:
+    return getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+
+
+# ---------------------------------------------------------------- fitting
+
+
+def check_arch(arch: str) -> None:
+    if not timm.is_model(arch):
+        close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(close)})" if close else ""
+        raise ConfigError(f"--arch '{arch}' is not a timm model{hint}")
+
+
+def classifier_keys(arch: str) -> set[str]:
+    """State-dict keys of ``arch``'s classifier: those a 1-class model has and a headless one lacks."""
+    with_head = timm.create_model(arch, pretrained=False, num_classes=1).state_dict()
+    headless = timm.create_model(arch, pretrained=False, num_classes=0).state_dict()
+    return set(with_head) - set(headless)
+
+
+def _few(keys: list[str], shapes: dict | None = None) -> str:
+    shown = [f"{k} {shapes[k]}" if shapes else k for k in keys[:3]]
+    return ", ".join(shown) + (f" (+{len(keys) - 3} more)" if len(keys) > 3 else "")
+
+
+def fit_errors(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
+    """A one-line description of what does not fit (missing, unexpected, mis-shaped keys), or None."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    mismatched = [k for k in state if k in own and state[k].shape != own[k].shape]
+    if not (missing or unexpected or mismatched):
+        return None
+    shapes = {k: f"{tuple(state[k].shape)} vs {tuple(own[k].shape)}" for k in mismatched}
+    parts = [f"{len(missing)} missing ({_few(missing)})" if missing else "",
+             f"{len(unexpected)} unexpected ({_few(unexpected)})" if unexpected else "",
+             f"{len(mismatched)} mis-shaped ({_few(mismatched, shapes)}; file vs model)" if mismatched else ""]
+    return "; ".join(p for p in parts if p)
+
+
+def fit_to_arch(state: dict[str, torch.Tensor], arch: str, num_classes: int, origin: str) -> nn.Module:
+    """A timm model with exactly ``state`` loaded; a one-line error naming the first bad keys otherwise."""
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    problem = fit_errors(model, state)
+    if problem:
+        raise CheckpointError(f"{origin}: the weights do not fit timm '{arch}': {problem}; check --arch "
+                              "(the architecture and variant the weights were trained with)")
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def _classifier_outputs(state: dict[str, torch.Tensor], head_keys: set[str]) -> int:
+    weights = [state[k] for k in sorted(head_keys) if k in state and k.endswith("weight") and state[k].ndim >= 2]
+    return int(weights[-1].shape[0]) if weights else 0
+
+
+def _choose_classes(origin: str, outputs: int, class_names: list[str] | None, folder_names: list[str] | None,
+                    features_only: bool) -> tuple[int, list[str] | None]:
+    if features_only:
+        return 0, None
+    names = class_names or folder_names
+    if outputs == 0:
+        if class_names:
+            raise CheckpointError(f"{origin}: the weights have no classifier, so --classes cannot be used; "
+                                  "import it with --features-only")
+        log.info("%s: no classifier in the weights: imported as a features-only teacher", origin)
+        return 0, None
+    if names is None:
+        raise CheckpointError(f"{origin}: the weights have a {outputs}-class classifier: name its classes in output "
+                              "order with --classes a,b,... or drop it with --features-only")
+    if len(names) != outputs:
+        raise CheckpointError(f"{origin}: {len(names)} class names given ({', '.join(names)}) but the classifier has "
+                              f"{outputs} outputs; give {outputs} names in output order or use --features-only")
+    if len(set(names)) != len(names):
+        raise CheckpointError(f"{origin}: class names repeat ({', '.join(names)}); each class needs its own name")
+    return outputs, list(names)
+
+
+def import_external(source: str | Path, arch: str | None = None, class_names: list[str] | None = None,
+                    features_only: bool = False) -> ExternalModel:
+    """Read ``source`` (a weights file or a timm folder) and fit it to ``arch``."""
+    source = Path(source)
+    folder = None
+    if source.is_dir():
+        state, folder = read_timm_folder(source)
+        if arch and arch != folder.arch:
+            raise ConfigError(f"--arch {arch}: {source / CONFIG_FILE} names '{folder.arch}'; leave --arch out for a folder")
+        arch = folder.arch
+    elif not source.exists():
+        raise CheckpointError(f"{source}: no such file or folder")
+    else:
+        if not arch:
+            raise ConfigError(f"{source}: a weights file does not say its architecture; give --arch (a timm model name)")
+        state = read_weights_file(source)
+    check_arch(arch)
+    headless = timm.create_model(arch, pretrained=False, num_classes=0)
+    state, layout = rename_to_timm(state, headless)
+    head_keys = classifier_keys(arch)
+    num_classes, names = _choose_classes(str(source), _classifier_outputs(state, head_keys), class_names,
+                                         folder.class_names if folder else None, features_only)
+    if num_classes == 0:
+        state = {k: v for k, v in state.items() if k not in head_keys}
+    model = fit_to_arch(state, arch, num_classes, str(source))
+    defaults = model.pretrained_cfg
+    return ExternalModel(
+        arch=arch,
+        state=dict(model.state_dict()),
+        num_classes=num_classes,
+        class_names=names,
+        image_size=(folder.image_size if folder and folder.image_size else int(defaults["input_size"][-1])),
+        mean=(folder.mean if folder and folder.mean else tuple(defaults["mean"])),
+        std=(folder.std if folder and folder.std else tuple(defaults["std"])),
+        layout=layout,
+    )
