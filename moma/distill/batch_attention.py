@@ -6,7 +6,9 @@ a token, so each output mixes information from the whole batch. There it has no 
 connection, no LayerNorm and no re-normalisation of the output (``block="plain"`` here).
 
 :class:`BatchAttentionBlock` wraps it in one of the ways a transformer sub-layer is usually wired;
-docs/moma.md ("Choosing the default") has the study that picked the default. Everything runs in
+docs/moma.md ("Choosing the default") has the study that picked ``rezero`` (a pre-norm residual
+``x + A(LN(x))`` lost: LN's output has norm about sqrt(C), so the attention branch swamps x and
+the outputs of a batch collapse to one vector again). Everything runs in
 float32 even under autocast: a fresh attention changes its inputs by about 1e-3, less than bf16's
 rounding of unit vectors, so in bf16 the per-sample signal would be rounded away.
 """
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-AttentionWiring = Literal["plain", "prenorm", "rezero"]
+AttentionWiring = Literal["plain", "rezero"]
 
 
 def batch_attention(x: torch.Tensor, qkv: nn.Linear, proj: nn.Linear, num_heads: int) -> torch.Tensor:
@@ -61,7 +63,6 @@ class BatchAttentionBlock(nn.Module):
     r"""The batch attention :math:`A` wired as
 
     - ``plain``: :math:`A(x)` (the official code);
-    - ``prenorm``: :math:`x + A(\mathrm{LN}(x))` (the pre-norm transformer sub-layer);
     - ``rezero``: :math:`x + g \cdot A(\mathrm{LN}(x))` with a learnt per-channel gain :math:`g`
       that starts at zero (LayerScale, Touvron et al. 2021; ReZero, Bachlechner et al. 2021): the
       block starts as the identity, so training starts as plain momentum-contrastive distillation
@@ -75,11 +76,10 @@ class BatchAttentionBlock(nn.Module):
         self.wiring = wiring
         self.normalize = normalize
         self.attention = BatchAttention(dim, num_heads)
-        if wiring not in ("plain", "prenorm", "rezero"):
-            raise ValueError(f"unknown attention wiring '{wiring}' (plain, prenorm or rezero)")
-        if wiring != "plain":
-            self.norm = nn.LayerNorm(dim)
+        if wiring not in ("plain", "rezero"):
+            raise ValueError(f"unknown attention wiring '{wiring}' (plain or rezero)")
         if wiring == "rezero":
+            self.norm = nn.LayerNorm(dim)
             self.gain = nn.Parameter(torch.zeros(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -87,8 +87,6 @@ class BatchAttentionBlock(nn.Module):
             x = x.float()
             if self.wiring == "plain":
                 out = self.attention(x)
-            elif self.wiring == "prenorm":
-                out = x + self.attention(self.norm(x))
             else:
                 out = x + self.gain * self.attention(self.norm(x))
             return F.normalize(out, dim=1) if self.normalize else out

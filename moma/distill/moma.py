@@ -211,7 +211,7 @@ class MoMAParams(MethodParams):
         None, description="frozen: two key attentions (positive, enqueued) left at their random init, as the code; "
         "ema: one key attention for both, an EMA of the query attention (the paper's figure)")
     attention: AttentionWiring | None = Field(
-        None, description="plain: A(x) as the code; rezero: x + g*A(LN(x)) with g starting at 0; prenorm: x + A(LN(x))")
+        None, description="plain: A(x) as the code; rezero: x + g*A(LN(x)) with per-channel gains g starting at 0")
     normalize: bool | None = Field(None, description="L2-normalise queries and keys after the attention")
     single_teacher_pass: bool | None = Field(
         None, description="take the KL logits from the key pass (after the EMA update): one teacher pass per step "
