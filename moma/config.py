@@ -49,6 +49,12 @@ class DataConfig(Section):
     split_file: str | None = Field(None, description="a saved split.csv to reuse instead of splitting")
     num_folds: int | None = Field(None, ge=2, description="grouped k-fold: number of folds")
     fold: int | None = Field(None, ge=0, description="grouped k-fold: which fold is the test set")
+    train_per_class: int | None = Field(
+        None, ge=1, description="learn from a seeded, class-stratified subset of the train split: this many tiles "
+        "per class (whole patients where there is a group column); val and test are unchanged")
+    train_fraction: float | None = Field(None, gt=0.0, le=1.0, description="like train_per_class, as a fraction "
+                                         "of each class's training tiles")
+    subsample_seed: int | None = Field(None, description="seed of the training subset; default: run.seed")
     skip_bad: bool = False
     cache: bool = Field(True, description="decode every tile once and keep it in memory")
     num_workers: int | Literal["auto"] = "auto"
@@ -61,6 +67,8 @@ class DataConfig(Section):
             raise ValueError("data.fold and data.num_folds must be set together")
         if self.fold is not None and self.num_folds is not None and self.fold >= self.num_folds:
             raise ValueError(f"data.fold={self.fold} must be below data.num_folds={self.num_folds}")
+        if self.train_per_class is not None and self.train_fraction is not None:
+            raise ValueError("set data.train_per_class or data.train_fraction, not both")
         return self
 
 
