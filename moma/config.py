@@ -99,12 +99,23 @@ class OptimConfig(Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(64, ge=1, description="per process")
     epochs: int = Field(50, ge=1)
+    total_steps: int | None = Field(
+        None, ge=1, description="exactly this many optimiser steps whatever the size of the training set, in "
+        "`epochs` rounds (each ends with validation and a checkpoint) that pass over the tiles as often as needed; "
+        "None = `epochs` passes over the training tiles")
     scheduler: Literal["cosine", "step", "constant"] = "cosine"
     min_lr: float = Field(5e-5, ge=0.0)
     step_epochs: list[int] = Field(default_factory=lambda: [30, 40])
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _rounds_have_steps(self) -> "OptimConfig":
+        if self.total_steps is not None and self.total_steps < self.epochs:
+            raise ValueError(f"optim.total_steps={self.total_steps} is below optim.epochs={self.epochs}: every "
+                             "round (epoch) needs a step; lower optim.epochs")
+        return self
 
     def effective_lr(self, global_batch: int) -> float:
         """Linear scaling rule (Goyal et al. 2017): lr_base is quoted for lr_base_size images."""
