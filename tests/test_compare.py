@@ -331,6 +331,11 @@ def base_tree(source="data") -> dict:
     ({"methods": ["kd"]}, "baseline 'none' is not under methods"),
     ({"teachers": {"t": {"checkpoint": "x.safetensors", "data": {"source": "y"}}}}, "either 'checkpoint"),
     ({"teachers": {"t": {"distill": {"method": "kd"}}}}, "teachers are trained without distillation"),
+    ({"train_per_class": [8], "train_fraction": [0.5]}, "set train_per_class or train_fraction, not both"),
+    ({"train_per_class": [8, 8]}, "a non-empty list of distinct sizes"),
+    ({"train_per_class": [0]}, "compare key 'train_per_class.0"),
+    ({"base": {"data": {"train_per_class": 8}}}, "base.data.train_per_class is set by the grid; use 'train_per_class"),
+    ({"min_teacher_margin": 1.5}, "compare key 'min_teacher_margin'"),
 ])
 def test_config_errors_name_the_key_in_one_line(tmp_path, change, fragment):
     tree = base_tree()
@@ -352,6 +357,41 @@ def test_config_forms_and_overrides(tmp_path):
     assert listed.methods["none"].kl_weight == 0
     subset = _load(tmp_path, base_tree(), ["settings.s.methods=[kd]"])
     assert subset.methods_of("s") == ["kd"]
+
+
+def test_size_axis_orders_sizes_and_sets_each_cell_s_data_keys(tmp_path):
+    from moma.compare.grid import Grid
+
+    tree = base_tree()
+    tree.update(train_per_class=["all", 32, 8], folds=2)
+    cfg = _load(tmp_path, tree)
+    assert cfg.sizes() == ["8", "32", "all"]
+    grid = Grid(cfg, tmp_path / "out")
+    cells = grid.cells()
+    assert len(cells) == 2 * 3 * len(cfg.methods_of("s"))
+    by_size = {c.size: grid.cell_config(c).data for c in cells if c.method == "none" and c.fold == 0}
+    assert by_size["8"].train_per_class == 8 and by_size["32"].train_per_class == 32
+    assert by_size["all"].train_per_class is None and by_size["all"].train_fraction is None
+    assert cells[0].rel_dir.as_posix() == "cells/s/none/size-8/fold0-seed0"
+    fractions = _load(tmp_path, {**base_tree(), "train_fraction": [0.5, 0.1]})
+    assert fractions.sizes() == ["0.1", "0.5"] and fractions.size_keys("0.1") == {"train_fraction": 0.1}
+
+
+def test_curves_and_paper_gpu_configs_parse():
+    """Both grids' structure (their MoMA entries use keys that the method validates separately)."""
+    from moma.compare.config import CompareConfig, methods_as_mapping
+    from moma.config import read_yaml
+
+    for name, sizes in (("curves", ["8", "24", "all"]), ("paper_gpu", ["10", "30", "100", "300", "all"])):
+        tree = read_yaml(ROOT / "configs" / "compare" / f"{name}.yaml")
+        tree["methods"] = methods_as_mapping(tree["methods"])
+        cfg = CompareConfig.model_validate(tree)
+        assert cfg.sizes() == sizes and cfg.folds >= 3 and len(cfg.seeds) >= 2 and cfg.min_teacher_margin == 0.15
+        assert cfg.settings["same_scratch"].distill["student_init"] == "scratch"
+        for setting in cfg.settings:
+            assert {"none", "crd", "moma", "moma_official"} <= set(cfg.methods_of(setting))
+        assert cfg.methods["moma_official"].params == {"preset": "official-code"}
+        assert cfg.base["optim"]["total_steps"] >= 150
 
 
 def test_smoke_config_is_valid():
