@@ -411,8 +411,10 @@ class Grid:
 
         info = TeacherInfo(checkpoint=self.teacher_checkpoint(name))
         info.classes = read_metadata(info.checkpoint).class_names
-        metrics_path = self.out / "teachers" / name / METRICS_NAME
-        if not self.cfg.teachers[name].checkpoint and metrics_path.is_file():
+        # A given checkpoint still has held-out metrics when it sits in its own run folder.
+        run_dir = info.checkpoint if info.checkpoint.is_dir() else info.checkpoint.parent
+        metrics_path = run_dir / METRICS_NAME
+        if metrics_path.is_file():
             info.test = (json.loads(metrics_path.read_text()).get("best") or {}).get("test")
         return info
 

@@ -308,11 +308,13 @@ def plot_learning_curve(results: pd.DataFrame, setting: str, methods: list[str],
     colours = _colours(methods)
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
+    ticks: set[float] = set()
     for method in methods:
         points = curve_points(results, setting, method)
         if points.empty:
             continue
         drawn = True
+        ticks.update(points["x"].round(1))
         x, mean, half = points["x"].to_numpy(), points["mean"].to_numpy(), points["half"].to_numpy()
         ax.plot(x, mean, marker="o", color=colours[method], label=method)
         band = np.isfinite(half)
@@ -322,6 +324,8 @@ def plot_learning_curve(results: pd.DataFrame, setting: str, methods: list[str],
         plt.close(fig)
         return False
     ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+    ax.minorticks_off()
     ax.set_xlabel("labelled training tiles per class (log scale)")
     ax.set_ylabel("test macro F1 (mean, 95% CI)")
     ax.set_title(title, fontsize=10)
@@ -415,7 +419,7 @@ def teacher_table(cfg: CompareConfig, teachers: dict[str, TeacherInfo]) -> Table
         if info.error:
             verdict_text = "failed"
         elif not test:
-            verdict_text = "unknown (given checkpoint)" if spec.checkpoint else "unknown (no test split)"
+            verdict_text = "unknown (a checkpoint without its run folder)" if spec.checkpoint else "unknown (no test split)"
         elif margin is None:
             verdict_text = "—"
         else:
