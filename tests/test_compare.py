@@ -377,8 +377,8 @@ def test_size_axis_orders_sizes_and_sets_each_cell_s_data_keys(tmp_path):
     assert fractions.sizes() == ["0.1", "0.5"] and fractions.size_keys("0.1") == {"train_fraction": 0.1}
 
 
-def test_curves_and_paper_gpu_configs_parse():
-    """Both grids' structure (their MoMA entries use keys that the method validates separately)."""
+def test_curves_paper_gpu_and_demo_configs_parse():
+    """The grids' structure (their MoMA entries use keys that the method validates separately)."""
     from moma.compare.config import CompareConfig, methods_as_mapping
     from moma.config import read_yaml
 
@@ -392,6 +392,9 @@ def test_curves_and_paper_gpu_configs_parse():
             assert {"none", "crd", "moma", "moma_official"} <= set(cfg.methods_of(setting))
         assert cfg.methods["moma_official"].params == {"preset": "official-code"}
         assert cfg.base["optim"]["total_steps"] >= 120
+    demo = CompareConfig.model_validate(read_yaml(ROOT / "configs" / "demo" / "demo.yaml"))
+    assert demo.sizes() == ["8", "24", "all"] and list(demo.methods) == ["none", "moma"]
+    assert demo.settings["same"].distill["student_init"] == "scratch"
 
 
 def test_smoke_config_is_valid():

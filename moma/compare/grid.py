@@ -400,9 +400,10 @@ class Grid:
                         log.info("teacher %s %s in %.0f s", name, done, time.perf_counter() - start)
                 info = self._teacher_info(name)
             except Exception as exc:  # noqa: BLE001 - a failed teacher fails its settings, not the grid
+                what = "failed" if train else "is not available (not trained yet?)"
                 info = TeacherInfo(checkpoint=self.teacher_checkpoint(name),
-                                   error=f"teacher '{name}' failed: {type(exc).__name__}: {exc}")
-                log.error("%s", info.error)
+                                   error=f"teacher '{name}' {what}: {type(exc).__name__}: {exc}")
+                (log.error if train else log.warning)("%s", info.error)
             self.teachers[name] = info
         self._judge_teachers()
 

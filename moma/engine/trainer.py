@@ -175,7 +175,8 @@ class Trainer:
 
     def _batches_per_pass(self) -> int:
         per_rank = math.ceil(len(self.data.train) / self.dist.world_size)
-        return max(1, per_rank // self.cfg.optim.batch_size if self._drop_last() else math.ceil(per_rank / self.cfg.optim.batch_size))
+        batch = self.cfg.optim.batch_size
+        return max(1, per_rank // batch if self._drop_last() else math.ceil(per_rank / batch))
 
     def _steps_per_epoch(self) -> int:
         total = self.cfg.optim.total_steps
