@@ -185,9 +185,14 @@ def cmd_config(args) -> int:
 
 
 def cmd_compare(args) -> int:
-    from moma.compare import run_compare
+    from moma.compare import report_only, run_compare
 
-    run_compare(args.config, args.overrides, out_dir=args.out, resume=not args.fresh)
+    if args.report_only:
+        if args.shard or args.fresh:
+            raise ConfigError("--report-only trains nothing: drop --shard/--fresh")
+        report_only(args.config, args.overrides, out_dir=args.out)
+    else:
+        run_compare(args.config, args.overrides, out_dir=args.out, resume=not args.fresh, shard=args.shard)
     return 0
 
 
@@ -292,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
     compare.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     compare.add_argument("--out", help="output folder (default from the config); re-running resumes it")
     compare.add_argument("--fresh", action="store_true", help="start a new output folder instead of resuming")
+    compare.add_argument("--shard", metavar="K/N", help="train only the K-th of N disjoint shares of the cells into "
+                         "the same folder; N processes may run at once (one per GPU, or a SLURM job array)")
+    compare.add_argument("--report-only", action="store_true",
+                         help="train nothing: write the tables, plots and report of the cells finished so far")
     compare.set_defaults(func=cmd_compare)
     return parser
 

@@ -49,6 +49,12 @@ class DataConfig(Section):
     split_file: str | None = Field(None, description="a saved split.csv to reuse instead of splitting")
     num_folds: int | None = Field(None, ge=2, description="grouped k-fold: number of folds")
     fold: int | None = Field(None, ge=0, description="grouped k-fold: which fold is the test set")
+    train_per_class: int | None = Field(
+        None, ge=1, description="learn from a seeded, class-stratified subset of the train split: this many tiles "
+        "per class (whole patients where there is a group column); val and test are unchanged")
+    train_fraction: float | None = Field(None, gt=0.0, le=1.0, description="like train_per_class, as a fraction "
+                                         "of each class's training tiles")
+    subsample_seed: int | None = Field(None, description="seed of the training subset; default: run.seed")
     skip_bad: bool = False
     cache: bool = Field(True, description="decode every tile once and keep it in memory")
     num_workers: int | Literal["auto"] = "auto"
@@ -61,6 +67,8 @@ class DataConfig(Section):
             raise ValueError("data.fold and data.num_folds must be set together")
         if self.fold is not None and self.num_folds is not None and self.fold >= self.num_folds:
             raise ValueError(f"data.fold={self.fold} must be below data.num_folds={self.num_folds}")
+        if self.train_per_class is not None and self.train_fraction is not None:
+            raise ValueError("set data.train_per_class or data.train_fraction, not both")
         return self
 
 
@@ -92,12 +100,23 @@ class OptimConfig(Section):
     weight_decay: float = Field(1e-4, ge=0.0)
     batch_size: int = Field(64, ge=1, description="per process")
     epochs: int = Field(50, ge=1)
+    total_steps: int | None = Field(
+        None, ge=1, description="exactly this many optimiser steps whatever the size of the training set, in "
+        "`epochs` rounds (each ends with validation and a checkpoint) that pass over the tiles as often as needed; "
+        "None = `epochs` passes over the training tiles")
     scheduler: Literal["cosine", "step", "constant"] = "cosine"
     min_lr: float = Field(5e-5, ge=0.0)
     step_epochs: list[int] = Field(default_factory=lambda: [30, 40])
     warmup_epochs: int = Field(0, ge=0)
     label_smoothing: float = Field(0.0, ge=0.0, lt=1.0)
     grad_clip: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _rounds_have_steps(self) -> "OptimConfig":
+        if self.total_steps is not None and self.total_steps < self.epochs:
+            raise ValueError(f"optim.total_steps={self.total_steps} is below optim.epochs={self.epochs}: every "
+                             "round (epoch) needs a step; lower optim.epochs")
+        return self
 
     def effective_lr(self, global_batch: int) -> float:
         """Linear scaling rule (Goyal et al. 2017): lr_base is quoted for lr_base_size images."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import shutil
 import subprocess
 import sys
@@ -20,6 +21,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
+from PIL import Image
 from scipy import stats as scipy_stats
 
 from conftest import make_tile_folder
@@ -179,12 +181,14 @@ class _ReportParser(HTMLParser):
         super().__init__()
         self.headers: list[str] = []
         self.images: list[str] = []
+        self.alts: list[str] = []
         self._in_th = False
 
     def handle_starttag(self, tag, attrs):
         self._in_th = tag == "th"
         if tag == "img":
             self.images.append(dict(attrs).get("src", ""))
+            self.alts.append(dict(attrs).get("alt", ""))
 
     def handle_data(self, text):
         if self._in_th:
@@ -327,6 +331,11 @@ def base_tree(source="data") -> dict:
     ({"methods": ["kd"]}, "baseline 'none' is not under methods"),
     ({"teachers": {"t": {"checkpoint": "x.safetensors", "data": {"source": "y"}}}}, "either 'checkpoint"),
     ({"teachers": {"t": {"distill": {"method": "kd"}}}}, "teachers are trained without distillation"),
+    ({"train_per_class": [8], "train_fraction": [0.5]}, "set train_per_class or train_fraction, not both"),
+    ({"train_per_class": [8, 8]}, "a non-empty list of distinct sizes"),
+    ({"train_per_class": [0]}, "compare key 'train_per_class.0"),
+    ({"base": {"data": {"train_per_class": 8}}}, "base.data.train_per_class is set by the grid; use 'train_per_class"),
+    ({"min_teacher_margin": 1.5}, "compare key 'min_teacher_margin'"),
 ])
 def test_config_errors_name_the_key_in_one_line(tmp_path, change, fragment):
     tree = base_tree()
@@ -348,6 +357,44 @@ def test_config_forms_and_overrides(tmp_path):
     assert listed.methods["none"].kl_weight == 0
     subset = _load(tmp_path, base_tree(), ["settings.s.methods=[kd]"])
     assert subset.methods_of("s") == ["kd"]
+
+
+def test_size_axis_orders_sizes_and_sets_each_cell_s_data_keys(tmp_path):
+    from moma.compare.grid import Grid
+
+    tree = base_tree()
+    tree.update(train_per_class=["all", 32, 8], folds=2)
+    cfg = _load(tmp_path, tree)
+    assert cfg.sizes() == ["8", "32", "all"]
+    grid = Grid(cfg, tmp_path / "out")
+    cells = grid.cells()
+    assert len(cells) == 2 * 3 * len(cfg.methods_of("s"))
+    by_size = {c.size: grid.cell_config(c).data for c in cells if c.method == "none" and c.fold == 0}
+    assert by_size["8"].train_per_class == 8 and by_size["32"].train_per_class == 32
+    assert by_size["all"].train_per_class is None and by_size["all"].train_fraction is None
+    assert cells[0].rel_dir.as_posix() == "cells/s/none/size-8/fold0-seed0"
+    fractions = _load(tmp_path, {**base_tree(), "train_fraction": [0.5, 0.1]})
+    assert fractions.sizes() == ["0.1", "0.5"] and fractions.size_keys("0.1") == {"train_fraction": 0.1}
+
+
+def test_curves_paper_gpu_and_demo_configs_parse():
+    """The grids' structure (their MoMA entries use keys that the method validates separately)."""
+    from moma.compare.config import CompareConfig, methods_as_mapping
+    from moma.config import read_yaml
+
+    for name, sizes in (("curves", ["8", "24", "all"]), ("paper_gpu", ["10", "30", "100", "300", "all"])):
+        tree = read_yaml(ROOT / "configs" / "compare" / f"{name}.yaml")
+        tree["methods"] = methods_as_mapping(tree["methods"])
+        cfg = CompareConfig.model_validate(tree)
+        assert cfg.sizes() == sizes and cfg.folds >= 3 and len(cfg.seeds) >= 2 and cfg.min_teacher_margin == 0.15
+        assert cfg.settings["same_scratch"].distill["student_init"] == "scratch"
+        for setting in cfg.settings:
+            assert {"none", "crd", "moma", "moma_official"} <= set(cfg.methods_of(setting))
+        assert cfg.methods["moma_official"].params == {"preset": "official-code"}
+        assert cfg.base["optim"]["total_steps"] >= 120
+    demo = CompareConfig.model_validate(read_yaml(ROOT / "configs" / "demo" / "demo.yaml"))
+    assert demo.sizes() == ["8", "24", "all"] and list(demo.methods) == ["none", "moma"]
+    assert demo.settings["same"].distill["student_init"] == "scratch"
 
 
 def test_smoke_config_is_valid():
@@ -490,3 +537,121 @@ def test_summary_mean_std_and_counts():
     assert table.loc["kd", "best_macro_f1_std"] == pytest.approx(expected.std(ddof=1))
     assert table.loc["fit", "n"] == 1 and math.isnan(table.loc["fit", "best_macro_f1_std"])
 
+
+
+# ---------------------------------------------------------------------- learning curves, teachers, shards
+def curves_compare(tmp: Path, data: dict, name: str = "curves", **extra) -> dict:
+    """Two starting points (teacher weights / scratch) x 2 sizes x none + kd, equal optimiser steps."""
+    tree = tiny_compare(tmp, data["curve_target"], {"data": {"source": str(data["teacher"])}}, name=name)
+    tree["base"]["optim"].update(epochs=1, total_steps=2, batch_size=4)
+    tree["base"]["train"].pop("max_steps_per_epoch")
+    tree["settings"]["scratch"] = {"teacher": "t", "data": {"source": str(data["curve_target"])},
+                                   "distill": {"student_init": "scratch"}, "methods": ["none"]}
+    tree.update(train_per_class=[2, "all"], min_teacher_margin=0.99, **extra)
+    return tree
+
+
+@pytest.fixture(scope="module")
+def curves(data) -> Path:
+    # 8 patients of 3 tiles per class: 2 labelled tiles per class means one whole patient (3 tiles)
+    data["curve_target"] = make_tile_folder(data["tmp"] / "curve_target", classes=("tumour", "stroma"), per_class=24,
+                                            patients_per_class=8)
+    config = write_yaml(data["tmp"] / "curves.yaml", curves_compare(data["tmp"], data))
+    return run_compare(config)
+
+
+def test_learning_curve_cells_share_subsets_and_steps(curves):
+    results = pd.read_csv(curves / "results.csv", dtype={"size": str})
+    assert (results["status"] == "done").all() and len(results) == 2 * 2 * (2 + 1)
+    assert set(results["size"]) == {"2", "all"}
+    small = results[results["size"] == "2"]
+    assert (small["train_tiles_per_class"] == 3).all()  # whole patients: one patient of 3 tiles per class
+    assert (results[results["size"] == "all"]["train_tiles_per_class"] > 3).all()
+    assert (results["optimizer_steps"] == 2).all()  # the same number of steps whatever the subset
+    for (fold, size), part in results.groupby(["fold", "size"]):
+        splits = {(curves / d / "split.csv").read_text() for d in part["run_dir"]}
+        assert len(splits) == 1, f"fold {fold}, size {size}: the methods and settings learnt from other tiles"
+    scratch = json.loads((curves / "cells/scratch/none/size-2/fold0-seed0/metrics.json").read_text())
+    teacher_init = json.loads((curves / "cells/same/none/size-2/fold0-seed0/metrics.json").read_text())
+    assert scratch["setup"]["student_init"] == "random initialisation"
+    assert teacher_init["setup"]["student_init"].startswith("teacher weights")
+
+
+def test_report_has_learning_curves_per_size_statistics_and_weak_teacher(curves):
+    summary = pd.read_csv(curves / "summary.csv", dtype={"size": str})
+    assert set(zip(summary["setting"], summary["size"])) == {(s, z) for s in ("same", "scratch") for z in ("2", "all")}
+    results = pd.read_csv(curves / "results.csv", dtype={"size": str})
+    one = results[(results["setting"] == "same") & (results["size"] == "2") & (results["method"] == "kd")]
+    row = summary[(summary["setting"] == "same") & (summary["size"] == "2") & (summary["method"] == "kd")].iloc[0]
+    assert row["macro_f1_mean"] == pytest.approx(one["best_macro_f1"].mean())
+    for setting in ("same", "scratch"):
+        assert Image.open(curves / "plots" / f"curve_{setting}.png").size[0] > 300
+    html_text = (curves / "report.html").read_text()
+    parser = _ReportParser()
+    parser.feed(html_text)
+    assert "Learning curves" in html_text and "2 labelled tiles per class" in html_text
+    assert {"teacher", "test macro F1", "chance (1/classes)", "verdict", "setting", "kd"} <= set(parser.headers)
+    assert "same (teacher t) — weak teacher" in html_text  # a tiny teacher cannot clear chance + 0.99
+    assert "weak teacher" in (curves / "compare.log").read_text()
+    assert "scratch (teacher t) — weak teacher" in html_text
+    curve_alts = [a for a in parser.alts if "labelled tiles per class" in a]
+    assert len(curve_alts) == 2
+
+
+def test_screenshot_of_a_report_with_learning_curves_is_not_blank(curves, tmp_path):
+    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
+        pytest.skip("no Chromium installed (apt-get install chromium) to screenshot the report")
+    png = tmp_path / "curves.png"
+    done = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(curves / "report.html"),
+                           str(png), "--height", "2400"], capture_output=True, text=True, timeout=180)
+    assert done.returncode == 0, done.stderr
+    assert Image.open(png).size[1] == 2400
+
+
+def test_shards_are_disjoint_deterministic_and_cover_the_grid():
+    from moma.compare.grid import Cell, parse_shard, shard_cells
+
+    cells = [Cell("s", m, k, 0) for k in range(3) for m in ("a", "b", "c")]
+    shares = [shard_cells(cells, k, 3) for k in (1, 2, 3)]
+    assert set().union(*shares) == set(cells) and sum(map(len, shares)) == len(cells)
+    assert shard_cells(cells, 2, 3) == {cells[1], cells[4], cells[7]}
+    assert parse_shard("2/3") == (2, 3)
+    for bad in ("0/2", "3/2", "1-2", "a/b"):
+        with pytest.raises(ConfigError, match="--shard"):
+            parse_shard(bad)
+
+
+def test_two_shards_run_concurrently_into_one_folder(data, tmp_path):
+    """Two processes share one folder: the teacher is trained once (the other waits for it), every
+    cell once, and the report that the later one writes covers both shares."""
+    tree = tiny_compare(tmp_path, data["target"], {"data": {"source": str(data["teacher"])}}, name="sharded")
+    config = write_yaml(tmp_path / "sharded.yaml", tree)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    processes = [subprocess.Popen([sys.executable, "-m", "moma", "compare", str(config), "--shard", f"{k}/2"],
+                                  env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for k in (1, 2)]
+    outputs = [p.communicate(timeout=600)[0] for p in processes]
+    assert [p.returncode for p in processes] == [0, 0], outputs
+    out = tmp_path / "compare" / "sharded"
+    log_text = (out / "compare.log").read_text()
+    assert log_text.count("teacher t trained") == 1
+    for cell in CELLS:
+        assert log_text.count(f"cell {cell} trained") == 1, cell
+    results = pd.read_csv(out / "results.csv")
+    assert (results["status"] == "done").all() and len(results) == len(CELLS)
+
+
+def test_report_only_merges_the_finished_cells_of_a_partial_run(finished, data, monkeypatch, tmp_path):
+    from moma.cli import main
+
+    tree = tiny_compare(tmp_path, data["target"], {"checkpoint": str(finished["out"] / "teachers/t/best.safetensors")})
+    tree["methods"] = ["none"]
+    config = write_yaml(tmp_path / "partial.yaml", tree)
+    counting(monkeypatch, replacement=copy_finished_run(finished["out"]))
+    out = run_compare(config, shard="1/2")  # trains fold 0 only
+    (out / "report.html").unlink()
+    assert main(["compare", str(config), "--report-only"]) == 0
+    results = pd.read_csv(out / "results.csv")
+    assert list(results["status"]) == ["done", "pending"]
+    assert "1 done, 0 failed, 0 not applicable, 1 pending" in (out / "report.html").read_text()
+    assert main(["compare", str(config), "--report-only", "--shard", "1/2"]) == 2
+    assert main(["compare", str(tmp_path / "partial.yaml"), "--report-only", "--out", str(tmp_path / "none")]) == 2

@@ -13,6 +13,8 @@
     methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, temperature}
     folds: 2                          # grouped k-fold on the target's patients
     seeds: [0]
+    train_per_class: [8, 32, all]     # optional: a learning curve (or train_fraction: [0.1, 0.5, all])
+    min_teacher_margin: 0.15          # optional: a teacher's test macro F1 must beat chance by this much
 
 Layering of one cell's training config: ``base`` <- the setting's sections <- the method's
 distillation keys <- the grid (seed, fold, method, teacher). Every section forbids unknown keys, and
@@ -30,7 +32,7 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
@@ -48,7 +50,10 @@ GRID_KEYS = {
     ("data", "split_seed"): "split_seed",
     ("distill", "method"): "methods",
     ("distill", "teacher"): "a setting's teacher",
+    ("data", "train_per_class"): "train_per_class (the compare's list of sizes)",
+    ("data", "train_fraction"): "train_fraction (the compare's list of sizes)",
 }
+ALL = "all"  # a size of the learning curve: the whole training part of the fold
 
 
 class Strict(BaseModel):
@@ -130,6 +135,15 @@ class CompareConfig(Strict):
     folds: int = Field(2, ge=1, description="K of the grouped k-fold; 1 = one train/val/test split")
     seeds: list[int] = Field(default_factory=lambda: [0])
     split_seed: int = Field(0, description="seed of the fold assignment: the same folds for every method and seed")
+    train_per_class: list[Annotated[int, Field(ge=1)] | Literal["all"]] | None = Field(
+        None, description="learning curve: train every cell on this many labelled tiles per class of its fold's "
+        "training part (seeded by the cell's seed, whole patients where there are patient ids; 'all' = no "
+        "subsampling); val and test stay whole")
+    train_fraction: list[Annotated[float, Field(gt=0.0, le=1.0)] | Literal["all"]] | None = Field(
+        None, description="like train_per_class, as fractions of each class's training tiles")
+    min_teacher_margin: float | None = Field(
+        None, ge=0.0, le=1.0, description="a trained teacher whose test macro F1 (on its own held-out split) is "
+        "below chance (1 / classes) + this margin is reported as a 'weak teacher', with a warning")
     keep_training_state: bool = Field(False, description="keep state.pt and last.safetensors of finished cells "
                                       "(state.pt is only needed to resume an unfinished run; both are the largest files)")
 
@@ -145,8 +159,17 @@ class CompareConfig(Strict):
             raise ValueError("seeds must be a non-empty list of distinct integers")
         return value
 
+    @field_validator("train_per_class", "train_fraction")
+    @classmethod
+    def _distinct_sizes(cls, value: list | None) -> list | None:
+        if value is not None and (not value or len(set(value)) != len(value)):
+            raise ValueError("a non-empty list of distinct sizes (numbers, or 'all')")
+        return value
+
     @model_validator(mode="after")
     def _names_and_references(self) -> "CompareConfig":
+        if self.train_per_class is not None and self.train_fraction is not None:
+            raise ValueError("set train_per_class or train_fraction, not both")
         if not self.settings or not self.methods:
             raise ValueError("needs at least one setting and one method")
         for kind, names in (("name", [self.name]), ("teacher", self.teachers), ("setting", self.settings),
@@ -164,6 +187,22 @@ class CompareConfig(Strict):
         return self
 
     # ------------------------------------------------------------------ derived
+    def sizes(self) -> list[str] | None:
+        """The learning curve's sizes as labels ('8', '0.25', 'all'), smallest first; None: no axis."""
+        values = self.train_per_class if self.train_per_class is not None else self.train_fraction
+        if values is None:
+            return None
+        numbers = sorted(v for v in values if v != ALL)
+        return [f"{v:g}" for v in numbers] + ([ALL] if ALL in values else [])
+
+    def size_keys(self, size: str | None) -> dict[str, Any]:
+        """The data keys a cell of ``size`` gets."""
+        if size is None or size == ALL:
+            return {}
+        if self.train_per_class is not None:
+            return {"train_per_class": int(size)}
+        return {"train_fraction": float(size)}
+
     def registered_name(self, label: str) -> str:
         return (self.methods[label].method or label).lower()
 

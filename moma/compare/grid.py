@@ -17,6 +17,7 @@ teacher of other classes, or a teacher-based method without a teacher) is record
 
 from __future__ import annotations
 
+import json
 import logging
 import shutil
 import time
@@ -31,6 +32,7 @@ from tqdm import tqdm
 
 from moma.compare.config import CompareConfig
 from moma.compare.holdout import write_holdout_manifests
+from moma.compare.locks import exclusive, lock_path
 from moma.config import Config, build_config
 from moma.engine.runs import BEST_NAME, CONFIG_NAME, LAST_NAME, METRICS_NAME, STATE_NAME, create_run_dir
 from moma.errors import ConfigError
@@ -51,14 +53,16 @@ class Cell:
     method: str  # the entry name under ``methods``
     fold: int
     seed: int
+    size: str | None = None  # a size of the learning curve ('8', '0.25', 'all'); None: no size axis
 
     @property
     def rel_dir(self) -> Path:
-        return Path("cells") / self.setting / self.method / f"fold{self.fold}-seed{self.seed}"
+        size = () if self.size is None else (f"size-{self.size}",)
+        return Path("cells", self.setting, self.method, *size, f"fold{self.fold}-seed{self.seed}")
 
     @property
     def label(self) -> str:
-        return f"{self.setting}/{self.method}/fold{self.fold}-seed{self.seed}"
+        return self.rel_dir.relative_to("cells").as_posix()
 
 
 @dataclass
@@ -72,6 +76,12 @@ class TeacherInfo:
     checkpoint: Path | None = None
     classes: list[str] | None = None
     error: str | None = None
+    test: dict[str, float] | None = None  # its own held-out test metrics (a trained teacher)
+    weak: bool = False  # below chance + min_teacher_margin
+
+    @property
+    def chance(self) -> float | None:
+        return 1.0 / len(self.classes) if self.classes else None
 
 
 @dataclass
@@ -83,6 +93,24 @@ class GridRun:
     trained: int = 0
     seconds: float = 0.0
     interrupted: bool = False
+    shard: set[Cell] | None = None  # the cells this process may train (None: all)
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``'K/N'`` (1 <= K <= N) -> (K, N)."""
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        raise ConfigError(f"--shard {text!r}: expected K/N, e.g. --shard 1/4") from None
+    if not 1 <= k <= n:
+        raise ConfigError(f"--shard {text!r}: K must be between 1 and N")
+    return k, n
+
+
+def shard_cells(cells: list[Cell], k: int, n: int) -> set[Cell]:
+    """Shard K of N: every N-th cell of the grid's fixed order, starting at the K-th. The shares are
+    disjoint, cover the grid and each holds a similar mix of sizes, settings and methods."""
+    return set(cells[k - 1::n])
 
 
 def choose_out_dir(cfg: CompareConfig, out_dir: str | Path | None, resume: bool) -> Path:
@@ -268,7 +296,8 @@ class Grid:
     def cells(self) -> list[Cell]:
         """Seeds and folds outermost: a grid stopped half-way still holds complete, paired folds."""
         folds = range(self.cfg.folds)
-        return [Cell(s, m, k, seed) for seed in self.cfg.seeds for k in folds
+        sizes = self.cfg.sizes() or [None]
+        return [Cell(s, m, k, seed, size) for seed in self.cfg.seeds for k in folds for size in sizes
                 for s in self.cfg.settings for m in self.cfg.methods_of(s)]
 
     def used_teachers(self) -> list[str]:
@@ -312,6 +341,7 @@ class Grid:
             grid_keys["data"] = {"num_folds": cfg.folds, "fold": cell.fold, "split_seed": cfg.split_seed}
         else:
             grid_keys["data"] = {"split_seed": cfg.split_seed}
+        grid_keys["data"].update(cfg.size_keys(cell.size))
         tree = _absolute_paths(cfg.training_tree(setting.sections(), grid_keys))
         if setting.teacher is not None:
             tree["distill"]["teacher"] = str(self.teacher_checkpoint(setting.teacher))
@@ -340,6 +370,10 @@ class Grid:
 
     # ------------------------------------------------------------------ teachers
     def prepare_holdouts(self) -> None:
+        with exclusive(lock_path(self.out, "data")):
+            self._write_holdouts()
+
+    def _write_holdouts(self) -> None:
         for name in self.used_teachers():
             spec = self.cfg.teachers[name]
             if spec.holdout is None:
@@ -350,24 +384,58 @@ class Grid:
             write_holdout_manifests(data.source, teacher_csv.parent, name, spec.holdout, spec.holdout_seed,
                                     data.classes, data.group_column, spec.holdout_unit)
 
-    def prepare_teachers(self) -> None:
-        from moma.engine.checkpoint import read_metadata
-
+    def prepare_teachers(self, train: bool = True) -> None:
+        """Train (or find) every used teacher. Concurrent shards take a lock per teacher: the first
+        trains it, the others wait and then find it finished. ``train=False`` only reads what is on
+        disk (a teacher not trained yet is recorded as an error)."""
         for name in self.used_teachers():
             spec = self.cfg.teachers[name]
-            info = TeacherInfo(checkpoint=self.teacher_checkpoint(name))
             try:
-                if not spec.checkpoint:
-                    start = time.perf_counter()
-                    done = train_or_resume(self.teacher_config(name), self.out / "teachers" / name,
-                                           self.cfg.keep_training_state)
+                if train and not spec.checkpoint:
+                    with exclusive(lock_path(self.out, "teacher", name)):
+                        start = time.perf_counter()
+                        done = train_or_resume(self.teacher_config(name), self.out / "teachers" / name,
+                                               self.cfg.keep_training_state)
                     if done != "skipped":
                         log.info("teacher %s %s in %.0f s", name, done, time.perf_counter() - start)
-                info.classes = read_metadata(info.checkpoint).class_names
+                info = self._teacher_info(name)
             except Exception as exc:  # noqa: BLE001 - a failed teacher fails its settings, not the grid
-                info.error = f"teacher '{name}' failed: {type(exc).__name__}: {exc}"
-                log.error("%s", info.error)
+                what = "failed" if train else "is not available (not trained yet?)"
+                info = TeacherInfo(checkpoint=self.teacher_checkpoint(name),
+                                   error=f"teacher '{name}' {what}: {type(exc).__name__}: {exc}")
+                (log.error if train else log.warning)("%s", info.error)
             self.teachers[name] = info
+        self._judge_teachers()
+
+    def _teacher_info(self, name: str) -> TeacherInfo:
+        from moma.engine.checkpoint import read_metadata
+
+        info = TeacherInfo(checkpoint=self.teacher_checkpoint(name))
+        info.classes = read_metadata(info.checkpoint).class_names
+        # A given checkpoint still has held-out metrics when it sits in its own run folder.
+        run_dir = info.checkpoint if info.checkpoint.is_dir() else info.checkpoint.parent
+        metrics_path = run_dir / METRICS_NAME
+        if metrics_path.is_file():
+            info.test = (json.loads(metrics_path.read_text()).get("best") or {}).get("test")
+        return info
+
+    def _judge_teachers(self) -> None:
+        """Mark (and warn about) teachers whose own held-out macro F1 is below chance + the margin."""
+        margin = self.cfg.min_teacher_margin
+        for name, info in self.teachers.items():
+            if margin is None or info.test is None or info.chance is None:
+                continue
+            f1 = float(info.test.get("macro_f1", float("nan")))
+            info.weak = not f1 >= info.chance + margin
+            if info.weak:
+                settings = [s for s, spec in self.cfg.settings.items() if spec.teacher == name]
+                log.warning("teacher %s: test macro F1 %.3f on its own held-out split is below chance %.3f + "
+                            "min_teacher_margin %.2f; settings %s are marked 'weak teacher'", name, f1, info.chance,
+                            margin, ", ".join(settings))
+
+    def weak_teacher(self, setting: str) -> bool:
+        name = self.cfg.settings[setting].teacher
+        return name is not None and name in self.teachers and self.teachers[name].weak
 
     # ------------------------------------------------------------------ applicability
     def target_classes(self, cell: Cell) -> list[str]:
@@ -442,24 +510,21 @@ class Grid:
         try:
             self.prepare_holdouts()
             self.prepare_teachers()
-            for cell in cells:
-                try:
-                    reason = self.not_applicable_reason(cell)
-                except Exception as exc:  # noqa: BLE001 - e.g. unreadable target data: the cell fails
-                    run.outcomes[cell] = Outcome(FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0])
-                    log.error("cell %s failed: %s", cell.label, run.outcomes[cell].message)
-                    continue
-                if reason:
-                    run.outcomes[cell] = Outcome(NOT_APPLICABLE, reason)
-            todo = [c for c in cells if c not in run.outcomes]
+            self.classify(run)
+            todo = [c for c in cells if c not in run.outcomes and (run.shard is None or c in run.shard)]
             finished = sum((self.out / c.rel_dir / METRICS_NAME).is_file() for c in todo)
-            log.info("%d cells: %d finished before, %d not applicable, %d to run", len(cells), finished,
-                     len(cells) - len(todo), len(todo) - finished)
+            log.info("%d cells%s: %d finished before, %d not applicable, %d to run", len(cells),
+                     f" ({len(run.shard)} in this shard)" if run.shard is not None else "", finished,
+                     sum(o.status == NOT_APPLICABLE for o in run.outcomes.values()), len(todo) - finished)
             bar = tqdm(total=len(todo), initial=finished, desc="compare", unit="cell", dynamic_ncols=True)
             for cell in todo:
                 was_done = (self.out / cell.rel_dir / METRICS_NAME).is_file()
                 bar.set_postfix_str(cell.label)
-                outcome, trained = self.run_cell(cell)
+                with exclusive(lock_path(self.out, *cell.rel_dir.parts), wait=False) as claimed:
+                    if not claimed:
+                        log.info("cell %s is being trained by another process: left to it", cell.label)
+                        continue
+                    outcome, trained = self.run_cell(cell)
                 run.outcomes[cell] = outcome
                 run.trained += trained
                 if not was_done:
@@ -472,6 +537,36 @@ class Grid:
             if bar is not None:
                 bar.close()
             run.seconds = time.perf_counter() - start
-            for cell in cells:
-                run.outcomes.setdefault(cell, Outcome(PENDING))
+            self.fill_from_folders(run)
         return run
+
+    def classify(self, run: GridRun) -> None:
+        """Record the cells that are not applicable (or whose applicability cannot be decided)."""
+        for cell in run.cells:
+            if cell in run.outcomes:
+                continue
+            try:
+                reason = self.not_applicable_reason(cell)
+            except Exception as exc:  # noqa: BLE001 - e.g. unreadable target data: the cell fails
+                run.outcomes[cell] = Outcome(FAILED, f"{type(exc).__name__}: {exc}".splitlines()[0])
+                log.error("cell %s failed: %s", cell.label, run.outcomes[cell].message)
+                continue
+            if reason:
+                run.outcomes[cell] = Outcome(NOT_APPLICABLE, reason)
+
+    def fill_from_folders(self, run: GridRun) -> None:
+        """Cells this process did not run (another shard's, or all of them for a report-only
+        invocation): done, failed or pending as their folders say."""
+        for cell in run.cells:
+            if cell not in run.outcomes:
+                run.outcomes[cell] = folder_outcome(self.out / cell.rel_dir)
+
+
+def folder_outcome(run_dir: Path) -> Outcome:
+    if (run_dir / METRICS_NAME).is_file():
+        return Outcome(DONE)
+    error = run_dir / "error.txt"
+    if error.is_file():
+        lines = [line for line in error.read_text().splitlines() if line.strip()]
+        return Outcome(FAILED, lines[-1] if lines else "failed")
+    return Outcome(PENDING)

@@ -16,7 +16,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moma.compare.config import CompareConfig  # noqa: E402
+from scipy import stats as scipy_stats  # noqa: E402
+
+from moma.compare.config import ALL, CompareConfig  # noqa: E402
+from moma.compare.grid import TeacherInfo  # noqa: E402
 from moma.compare.results import COST_COLUMNS  # noqa: E402
 from moma.config import build_config  # noqa: E402
 from moma.compare.stats import (  # noqa: E402
@@ -24,6 +27,7 @@ from moma.compare.stats import (  # noqa: E402
     add_ranks,
     average_ranks,
     compare_with_baseline,
+    group_keys,
     summarize,
     verdict,
 )
@@ -34,6 +38,7 @@ LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "kappa": "kappa", "qwk
 TABLE_METRICS = ("accuracy", "macro_f1", "kappa")
 RANK_BY = "macro_f1_mean"
 PAIRED_COLUMNS = ["best_macro_f1", "best_accuracy"]
+SIZE_COLUMNS = ["train_tiles", "train_tiles_per_class", "optimizer_steps"]
 
 
 # ---------------------------------------------------------------------- tables
@@ -273,6 +278,76 @@ def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str
     return None if total is None else (total, names)
 
 
+def mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    """Mean and half-width of its Student-t confidence interval (NaN half-width below 2 values)."""
+    values = np.asarray(values, dtype=float)
+    values = values[np.isfinite(values)]
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    if len(values) < 2:
+        return float(values.mean()), float("nan")
+    half = scipy_stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
+    return float(values.mean()), float(half)
+
+
+def curve_points(results: pd.DataFrame, setting: str, method: str, metric: str = "best_macro_f1") -> pd.DataFrame:
+    """Per size of one setting: x = mean labelled training tiles per class used (the same subsets for
+    every method), and the method's mean and 95% CI half-width of ``metric``."""
+    done = results[(results["setting"] == setting) & (results["status"] == "done")]
+    rows = []
+    for size, part in done.groupby("size", sort=False):
+        x = float(part["train_tiles_per_class"].mean())
+        mean, half = mean_ci(part.loc[part["method"] == method, metric].to_numpy())
+        if np.isfinite(x) and np.isfinite(mean):
+            rows.append({"size": size, "x": x, "mean": mean, "half": half})
+    return pd.DataFrame(rows, columns=["size", "x", "mean", "half"]).sort_values("x")
+
+
+def plot_learning_curve(results: pd.DataFrame, setting: str, methods: list[str], path: Path, title: str) -> bool:
+    """Test macro F1 against labelled tiles per class (log x), mean and 95% CI band per method."""
+    colours = _colours(methods)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    drawn = False
+    ticks: set[float] = set()
+    for method in methods:
+        points = curve_points(results, setting, method)
+        if points.empty:
+            continue
+        drawn = True
+        ticks.update(points["x"].round(1))
+        x, mean, half = points["x"].to_numpy(), points["mean"].to_numpy(), points["half"].to_numpy()
+        ax.plot(x, mean, marker="o", color=colours[method], label=method)
+        band = np.isfinite(half)
+        if band.any():
+            ax.fill_between(x[band], (mean - half)[band], (mean + half)[band], color=colours[method], alpha=0.18)
+    if not drawn:
+        plt.close(fig)
+        return False
+    ax.set_xscale("log")
+    ax.set_xticks(sorted(ticks), [f"{t:g}" for t in sorted(ticks)])
+    ax.minorticks_off()
+    ax.set_xlabel("labelled training tiles per class (log scale)")
+    ax.set_ylabel("test macro F1 (mean, 95% CI)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    _save(fig, path)
+    return True
+
+
+def learning_curve_images(ctx: "ReportContext", results: pd.DataFrame) -> list[tuple[str, Path]]:
+    plots = ctx.out / "plots"
+    plots.mkdir(exist_ok=True)
+    images = []
+    for setting in ctx.cfg.settings:
+        path = plots / f"curve_{setting}.png"
+        title = _setting_heading(ctx.cfg, setting, ctx.teachers)
+        if plot_learning_curve(results, setting, ctx.cfg.methods_of(setting), path, title):
+            images.append((f"{setting}: test macro F1 against labelled tiles per class (mean and 95% CI)", path))
+    return images
+
+
 # ---------------------------------------------------------------------- the report
 @dataclass
 class ReportContext:
@@ -284,12 +359,20 @@ class ReportContext:
     wall_seconds: float
     trained: int
     config_yaml: str
+    teachers: dict[str, TeacherInfo] = field(default_factory=dict)
+
+
+@dataclass
+class Figure:
+    path: Path
+    caption: str
 
 
 def build_summary(cfg: CompareConfig, results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary frame (one row per setting x method) and the paired comparison frame."""
     columns = [f"best_{m}" for m in METRICS] + [f"last_{m}" for m in METRICS]
     columns += [f"ext_{m}" for m in METRICS if f"ext_{m}" in results] + COST_COLUMNS
+    columns += [c for c in SIZE_COLUMNS if c in results]
     summary = summarize(results, columns)
     summary.columns = [c.removeprefix("best_") for c in summary.columns]
     ranked = add_ranks(summary, RANK_BY)
@@ -297,36 +380,131 @@ def build_summary(cfg: CompareConfig, results: pd.DataFrame) -> tuple[pd.DataFra
     ranked = ranked.merge(averages, on="method", how="left")
     paired = compare_with_baseline(results, cfg.baseline, PAIRED_COLUMNS) if cfg.baseline else pd.DataFrame()
     if len(paired):
-        ranked = ranked.merge(paired.drop(columns=["baseline"]), on=["setting", "method"], how="left")
+        ranked = ranked.merge(paired.drop(columns=["baseline"]), on=group_keys(ranked) + ["method"], how="left")
     return ranked, paired
 
 
-def _setting_heading(cfg: CompareConfig, setting: str) -> str:
+def _setting_heading(cfg: CompareConfig, setting: str, teachers: dict[str, TeacherInfo] | None = None) -> str:
     spec = cfg.settings[setting]
     teacher = f"teacher {spec.teacher}" if spec.teacher else "no teacher"
     text = f"{setting} ({teacher})"
+    if teachers and spec.teacher in teachers and teachers[spec.teacher].weak:
+        text += " — weak teacher"
     return text + (f" — {spec.description}" if spec.description else "")
+
+
+def size_words(cfg: CompareConfig, size: str) -> str:
+    if size == ALL:
+        return "all training tiles of the fold"
+    if cfg.train_per_class is not None:
+        return f"{size} labelled tiles per class"
+    return f"{float(size):.0%} of each class's training tiles"
+
+
+def _at(frame: pd.DataFrame, size: str) -> pd.DataFrame:
+    return frame[frame["size"] == size] if "size" in frame.columns else frame
+
+
+def teacher_table(cfg: CompareConfig, teachers: dict[str, TeacherInfo]) -> Table:
+    """Each teacher's own held-out test metrics against chance, and whether it clears the margin."""
+    margin = cfg.min_teacher_margin
+    rows = []
+    for name, info in teachers.items():
+        spec = cfg.teachers[name]
+        source = spec.checkpoint or (cfg.training_tree(spec.sections()).get("data") or {}).get("source") or ""
+        settings = ", ".join(s for s, setting in cfg.settings.items() if setting.teacher == name)
+        test = info.test or {}
+        f1 = float(test.get("macro_f1", float("nan")))
+        chance = info.chance if info.chance is not None else float("nan")
+        if info.error:
+            verdict_text = "failed"
+        elif not test:
+            verdict_text = "unknown (a checkpoint without its run folder)" if spec.checkpoint else "unknown (no test split)"
+        elif margin is None:
+            verdict_text = "—"
+        else:
+            verdict_text = "weak teacher" if info.weak else "competent"
+        rows.append([(name, False), (str(source), False), (settings, False), (str(len(info.classes or [])), False),
+                     (_fmt(float(test.get("accuracy", float("nan")))), False), (_fmt(f1), False), (_fmt(chance), False),
+                     (_ci(f1 - chance, float("nan"), float("nan")) if np.isfinite(f1 - chance) else "—", False),
+                     (verdict_text, info.weak)])
+    notes = [f"competent = test macro F1 ≥ chance + {margin:g} (min_teacher_margin)"] if margin is not None else []
+    return Table(["teacher", "data", "settings", "classes", "test accuracy", "test macro F1", "chance (1/classes)",
+                  "macro F1 − chance", "verdict"], rows, notes=notes)
+
+
+def label_savings_table(cfg: CompareConfig, paired: pd.DataFrame, settings: list[str], sizes: list[str]) -> Table:
+    """Per setting and method: the smallest size at which the 95% CI of Δ macro F1 against the
+    baseline lies above 0 (with that Δ), or 'none'."""
+    methods = [m for m in cfg.methods if m != cfg.baseline]
+    rows = []
+    for setting in settings:
+        row = [(setting, False)]
+        for method in methods:
+            part = paired[(paired["setting"] == setting) & (paired["method"] == method)] if len(paired) else paired
+            if part is None or part.empty:
+                row.append(("n/a", False))
+                continue
+            text = "none"
+            for size in sizes:
+                hit = part[(part["size"] == size) & (part["delta_best_macro_f1_ci_low"] > 0)]
+                if len(hit):
+                    text = f"{size} ({hit['delta_best_macro_f1'].iloc[0]:+.3f})"
+                    break
+            row.append((text, text != "none"))
+        rows.append(row)
+    return Table(["setting"] + methods, rows, title="Smallest size at which a method beats the baseline "
+                 "(95% CI of Δ macro F1 above 0; Δ in brackets)")
 
 
 def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, paired: pd.DataFrame):
     """(heading level, heading, list of Tables / str paragraphs) in report order."""
     cfg = ctx.cfg
     settings = list(cfg.settings)
+    sizes = cfg.sizes() or [ALL]
+    curve = cfg.sizes() is not None
     runs = f"{cfg.folds} fold{'s' if cfg.folds > 1 else ''} x {len(cfg.seeds)} seed{'s' if len(cfg.seeds) > 1 else ''}"
+    if ctx.teachers:
+        weak = [name for name, info in ctx.teachers.items() if info.weak]
+        yield 2, "Teachers", [
+            "Each teacher's own test split (data it never trained on; by patient where its data has patient "
+            "ids), best-by-validation model." + (f" Weak: {', '.join(weak)}; the settings using them are marked "
+                                                 "'weak teacher' and test transfer from a network that learnt little "
+                                                 "that generalises." if weak else ""),
+            teacher_table(cfg, ctx.teachers)]
+    if curve:
+        blocks: list = [f"Test macro F1 of the best-by-validation model against the labelled training tiles per class "
+                        f"actually used (log scale; mean over {runs}, band = 95% t-interval). Every method of a fold "
+                        "and seed learns from the same subset; validation and test sets are the fold's, whole."]
+        blocks += [Figure(path, caption) for caption, path in learning_curve_images(ctx, results)]
+        if cfg.baseline and len(paired):
+            blocks.append(label_savings_table(cfg, paired, settings, sizes))
+        yield 2, "Learning curves", blocks
     yield 2, "Test metrics", [
         f"Test split of each fold, model with the best validation {build_config(cfg.base).train.select_metric}; "
         f"mean ± std over {runs}; best value per column in bold; 'runs' = finished / planned cells."]
     for setting in settings:
-        yield 3, _setting_heading(cfg, setting), [metrics_table(results, ranked, setting)]
-    yield 2, "Ranks", [average_rank_table(ranked)]
+        heading = _setting_heading(cfg, setting, ctx.teachers)
+        if not curve:
+            yield 3, heading, [metrics_table(results, ranked, setting)]
+            continue
+        yield 3, heading, []
+        for size in sizes:
+            yield 4, f"{setting}: {size_words(cfg, size)}", [metrics_table(_at(results, size), _at(ranked, size), setting)]
+    yield 2, "Ranks", [average_rank_table(ranked)] + (["Ranks are taken per setting and size."] if curve else [])
     if cfg.baseline and len(paired):
         yield 2, f"Paired comparison with the vanilla student ({cfg.baseline})", [
             "Difference method − baseline on the same folds and seeds: mean with its 95% confidence interval "
             "(t-distribution over the paired differences) and the two-sided Wilcoxon signed-rank p-value. "
             "'beats' only where the interval excludes 0."]
         for setting in settings:
-            if setting in set(paired["setting"]):
-                yield 3, setting, [paired_table(paired, setting), plain_words(paired, setting, cfg.baseline)]
+            if setting not in set(paired["setting"]):
+                continue
+            for size in sizes:
+                part = _at(paired, size)
+                if setting in set(part["setting"]):
+                    title = f"{setting}: {size_words(cfg, size)}" if curve else setting
+                    yield 3, title, [paired_table(part, setting), plain_words(part, setting, cfg.baseline)]
     if any(c.startswith("ext_") for c in results.columns):
         yield 2, "External test", ["The same best-by-validation models on each setting's external data."]
         for setting in settings:
@@ -335,9 +513,9 @@ def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, p
     yield 2, "Cost", ["Means per run; step times from the training loop (data wait, forward + backward, the "
                       "method's own extra work); peak GPU memory is CUDA's allocated peak of each run. CPU runs "
                       "show no memory figure: they share the grid's process, whose peak RSS (in results.csv) is "
-                      "not any one run's."]
+                      "not any one run's." + (f" Runs with {size_words(cfg, sizes[-1])}." if curve else "")]
     for setting in settings:
-        yield 3, setting, [cost_table(ranked, results, setting)]
+        yield 3, setting, [cost_table(_at(ranked, sizes[-1]), _at(results, sizes[-1]), setting)]
     failed = failure_table(results)
     if failed.rows:
         yield 2, "Failures", ["Every traceback is in the cell folder's error.txt; a re-run retries these cells.", failed]
@@ -364,7 +542,10 @@ def render_markdown(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFr
     for level, heading, blocks in _sections(ctx, results, ranked, paired):
         lines += ["", "#" * level + " " + heading]
         for block in blocks:
-            lines += ["", to_markdown(block) if isinstance(block, Table) else block]
+            if isinstance(block, Figure):
+                lines += ["", f"![{block.caption}]({block.path.relative_to(ctx.out).as_posix()})"]
+            else:
+                lines += ["", to_markdown(block) if isinstance(block, Table) else block]
     lines += ["", "## Plots", ""] + [f"![{caption}]({path.relative_to(ctx.out).as_posix()})" for caption, path in images]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -401,7 +582,10 @@ def render_html(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame,
     for level, heading, blocks in _sections(ctx, results, ranked, paired):
         parts.append(f"<h{level}>{html.escape(heading)}</h{level}>")
         for block in blocks:
-            parts.append(to_html(block) if isinstance(block, Table) else f"<p>{html.escape(block)}</p>")
+            if isinstance(block, Figure):
+                parts.append(_embedded(block.path, block.caption))
+            else:
+                parts.append(to_html(block) if isinstance(block, Table) else f"<p>{html.escape(block)}</p>")
     parts.append("<h2>Plots</h2>")
     parts += [_embedded(path, caption) for caption, path in images]
     parts.append("</body></html>")
@@ -412,6 +596,8 @@ def make_plots(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame) 
     cfg, plots = ctx.cfg, ctx.out / "plots"
     plots.mkdir(exist_ok=True)
     settings, methods = list(cfg.settings), list(cfg.methods)
+    largest = (cfg.sizes() or [ALL])[-1]  # one size per bar chart and confusion matrix: the largest
+    results, ranked = _at(results, largest), _at(ranked, largest)
     images = []
     if (ranked["n"] > 0).any():
         plot_bars(ranked, settings, methods, plots / "bars.png")

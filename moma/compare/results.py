@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moma.compare.config import CompareConfig
+from moma.compare.config import ALL, CompareConfig
 from moma.compare.grid import DONE, EXTERNAL_DIR, NOT_APPLICABLE, Cell, GridRun
 from moma.compare.stats import METRICS
 from moma.engine.runs import METRICS_NAME
@@ -51,10 +51,13 @@ def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: st
     if metrics_path.is_file() and status != NOT_APPLICABLE:
         status = DONE
     row = {"setting": cell.setting, "method": cell.method, "distill_method": cfg.registered_name(cell.method),
-           "teacher": cfg.settings[cell.setting].teacher or "", "fold": cell.fold, "seed": cell.seed,
-           "status": status, "best_epoch": math.nan, "epochs": math.nan}
+           "teacher": cfg.settings[cell.setting].teacher or "", "size": cell.size or ALL, "fold": cell.fold,
+           "seed": cell.seed, "status": status, "best_epoch": math.nan, "epochs": math.nan}
     results = json.loads(metrics_path.read_text()) if status == DONE else {}
     row.update(best_epoch=results.get("best_epoch", NAN), epochs=results.get("epochs", NAN))
+    train_tiles = (results.get("data") or {}).get("train", NAN)
+    row.update(train_tiles=train_tiles, train_tiles_per_class=train_tiles / max(1, len(results.get("classes") or [])),
+               optimizer_steps=results.get("optimizer_steps", NAN))
     row.update(_test_metrics(results, "best"))
     row.update(_test_metrics(results, "last"))
     row.update(_validation_metrics(results))

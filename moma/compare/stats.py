@@ -25,25 +25,31 @@ def done_rows(results: pd.DataFrame) -> pd.DataFrame:
     return results[results["status"] == "done"]
 
 
+def group_keys(frame: pd.DataFrame) -> list[str]:
+    """Methods are compared within a setting and, on a learning curve, within one training-set size."""
+    return [key for key in ("setting", "size") if key in frame.columns]
+
+
 def summarize(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Per (setting, method) in the order they first appear: ``n`` finished cells and the mean and
-    sample standard deviation (ddof=1; NaN for a single run) of each column."""
+    """Per (setting[, size], method) in the order they first appear: ``n`` finished cells and the
+    mean and sample standard deviation (ddof=1; NaN for a single run) of each column."""
+    by = group_keys(results) + ["method"]
     done = done_rows(results)
-    keys = results[["setting", "method"]].drop_duplicates()
-    grouped = done.groupby(["setting", "method"], sort=False)
+    keys = results[by].drop_duplicates()
+    grouped = done.groupby(by, sort=False)
     table = grouped[columns].agg(["mean", "std"])
     table.columns = [f"{column}_{stat}" for column, stat in table.columns]
     table.insert(0, "n", grouped.size())
-    out = keys.merge(table.reset_index(), on=["setting", "method"], how="left")
+    out = keys.merge(table.reset_index(), on=by, how="left")
     out["n"] = out["n"].fillna(0).astype(int)
     return out.reset_index(drop=True)
 
 
 def add_ranks(summary: pd.DataFrame, column: str = "macro_f1_mean") -> pd.DataFrame:
-    """``rank`` of each method within its setting by ``column`` (1 = highest; ties share the mean
-    rank; methods without results get no rank)."""
+    """``rank`` of each method within its setting (and size) by ``column`` (1 = highest; ties share
+    the mean rank; methods without results get no rank)."""
     out = summary.copy()
-    out["rank"] = out.groupby("setting", sort=False)[column].rank(ascending=False, method="average")
+    out["rank"] = out.groupby(group_keys(out), sort=False)[column].rank(ascending=False, method="average")
     return out
 
 
@@ -92,10 +98,14 @@ def paired_difference(differences: np.ndarray, confidence: float = 0.95) -> Pair
     return PairedResult(n, mean, mean - half, mean + half, wilcoxon_p(d))
 
 
-def paired_differences(results: pd.DataFrame, setting: str, method: str, baseline: str, column: str) -> np.ndarray:
-    """``method - baseline`` on every (fold, seed) both finished with a finite value, in key order."""
+def paired_differences(results: pd.DataFrame, setting: str, method: str, baseline: str, column: str,
+                       size: str | None = None) -> np.ndarray:
+    """``method - baseline`` on every (fold, seed) both finished with a finite value, in key order
+    (within one training-set size when ``size`` is given)."""
     done = done_rows(results)
     here = done[done["setting"] == setting]
+    if size is not None:
+        here = here[here["size"] == size]
     a = here[here["method"] == method][PAIR_KEYS + [column]]
     b = here[here["method"] == baseline][PAIR_KEYS + [column]]
     pairs = a.merge(b, on=PAIR_KEYS, suffixes=("_m", "_b")).sort_values(PAIR_KEYS)
@@ -107,17 +117,20 @@ def compare_with_baseline(results: pd.DataFrame, baseline: str, columns: list[st
     """One row per (setting, method != baseline): n pairs and, per column, the mean paired
     difference, its 95% CI and the Wilcoxon p-value."""
     rows = []
-    for setting in results["setting"].drop_duplicates():
-        methods = results[results["setting"] == setting]["method"].drop_duplicates()
+    keys = group_keys(results)
+    for group, part in results.groupby(keys, sort=False):
+        setting, size = (group if len(keys) == 2 else (group[0] if isinstance(group, tuple) else group, None))
+        methods = part["method"].drop_duplicates()
         if baseline not in set(methods):
             continue
         for method in methods:
-            statuses = set(results[(results["setting"] == setting) & (results["method"] == method)]["status"])
+            statuses = set(part[part["method"] == method]["status"])
             if method == baseline or statuses == {"not_applicable"}:
                 continue
-            row: dict = {"setting": setting, "method": method, "baseline": baseline}
+            row: dict = {"setting": setting, **({"size": size} if size is not None else {}), "method": method,
+                         "baseline": baseline}
             for column in columns:
-                result = paired_difference(paired_differences(results, setting, method, baseline, column))
+                result = paired_difference(paired_differences(results, setting, method, baseline, column, size))
                 row.setdefault("pairs", result.n)
                 row.update({f"delta_{column}": result.mean, f"delta_{column}_ci_low": result.ci_low,
                             f"delta_{column}_ci_high": result.ci_high, f"delta_{column}_p": result.p_value})

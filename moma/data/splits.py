@@ -20,6 +20,8 @@ from moma.data.tiles import SPLITS, TileTable
 from moma.errors import DataError
 
 SPLIT_COLUMNS = ["rel_path", "label", "group", "split"]
+# Training tiles left out of a labelled subset (moma.data.subsample): in split.csv, in no part.
+UNUSED = "unused"
 
 
 def _folds(labels: np.ndarray, groups: np.ndarray | None, n_splits: int, seed: int) -> list[np.ndarray]:
@@ -106,7 +108,7 @@ def _as_split_frame(table: TileTable, split: np.ndarray) -> pd.DataFrame:
 
 def check_no_leakage(split: pd.DataFrame) -> None:
     """Raise if one group (patient) appears in more than one split."""
-    grouped = split[split["group"] != ""]
+    grouped = split[(split["group"] != "") & (split["split"] != UNUSED)]
     if grouped.empty:
         return
     sides = grouped.groupby("group")["split"].nunique()
@@ -129,8 +131,8 @@ def load_split(path: str | Path) -> pd.DataFrame:
     missing = {"rel_path", "split"} - set(frame.columns)
     if missing:
         raise DataError(f"split file {path}: missing column(s) {', '.join(sorted(missing))}")
-    if not frame["split"].isin(SPLITS).all():
-        raise DataError(f"split file {path}: the split column may only hold {', '.join(SPLITS)}")
+    if not frame["split"].isin((*SPLITS, UNUSED)).all():
+        raise DataError(f"split file {path}: the split column may only hold {', '.join((*SPLITS, UNUSED))}")
     if "group" not in frame.columns:
         frame["group"] = ""
     return frame

@@ -13,6 +13,7 @@ from torch import nn
 from moma.config import Config
 from moma.data.dataset import TileDataset
 from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_split, split_table
+from moma.data.subsample import subsample_train
 from moma.data.tiles import TileTable, scan_tiles
 from moma.data.transforms import build_eval_transform, build_train_transform
 from moma.distill.base import MethodContext
@@ -40,16 +41,22 @@ class DataBundle:
 
 
 def make_split(cfg: Config, table: TileTable, saved_split: Path | None = None) -> pd.DataFrame:
-    """The run's split: a saved one when resuming or asked for, else a fresh patient-level one."""
+    """The run's split: a saved one when resuming (already subsampled), else the given or a fresh
+    patient-level one, with its training part subsampled when data.train_per_class/fraction ask."""
     seed = cfg.data.split_seed if cfg.data.split_seed is not None else cfg.run.seed
     if saved_split is not None and saved_split.is_file():
         split = load_split(saved_split)
-    elif cfg.data.split_file:
+        check_no_leakage(split)
+        return split
+    if cfg.data.split_file:
         split = load_split(cfg.data.split_file)
     elif cfg.data.num_folds is not None:
         split = kfold_split(table, cfg.data.num_folds, cfg.data.fold, cfg.data.val_fraction, seed)
     else:
         split = split_table(table, cfg.data.val_fraction, cfg.data.test_fraction, seed)
+    if cfg.data.train_per_class is not None or cfg.data.train_fraction is not None:
+        subsample_seed = cfg.data.subsample_seed if cfg.data.subsample_seed is not None else cfg.run.seed
+        split = subsample_train(split, subsample_seed, cfg.data.train_per_class, cfg.data.train_fraction)
     check_no_leakage(split)
     return split
 

@@ -20,6 +20,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterator
 
 import numpy as np
 import pandas as pd
@@ -119,9 +120,9 @@ class Trainer:
 
         self.data: DataBundle = build_data(cfg, run_dir / SPLIT_NAME, progress=self.progress)
         self.steps_per_epoch = self._steps_per_epoch()
+        self.total_steps = sum(self._round_steps(epoch) for epoch in range(cfg.optim.epochs))
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
-                                                train_targets=self.data.train.targets,
-                                                total_steps=cfg.optim.epochs * self.steps_per_epoch)
+                                                train_targets=self.data.train.targets, total_steps=self.total_steps)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -150,7 +151,7 @@ class Trainer:
             return 1.0
         if o.scheduler == "step":
             return 0.1 ** sum(step // self.steps_per_epoch >= e for e in o.step_epochs)
-        total = max(1, o.epochs * self.steps_per_epoch - warmup)
+        total = max(1, self.total_steps - warmup)
         return cosine_factor(min(1.0, (step - warmup) / total), self.base_lr, o.min_lr)
 
     def _num_workers(self) -> int:
@@ -172,12 +173,42 @@ class Trainer:
         per_rank = math.ceil(len(self.data.train) / self.dist.world_size)
         return per_rank % self.cfg.optim.batch_size == 1
 
-    def _steps_per_epoch(self) -> int:
+    def _batches_per_pass(self) -> int:
         per_rank = math.ceil(len(self.data.train) / self.dist.world_size)
-        steps = per_rank // self.cfg.optim.batch_size if self._drop_last() else math.ceil(per_rank / self.cfg.optim.batch_size)
+        batch = self.cfg.optim.batch_size
+        return max(1, per_rank // batch if self._drop_last() else math.ceil(per_rank / batch))
+
+    def _steps_per_epoch(self) -> int:
+        total = self.cfg.optim.total_steps
+        steps = self._batches_per_pass() if total is None else math.ceil(total / self.cfg.optim.epochs)
         if self.cfg.train.max_steps_per_epoch:
             steps = min(steps, self.cfg.train.max_steps_per_epoch)
         return max(1, steps)
+
+    def _round_steps(self, epoch: int) -> int:
+        """Steps of epoch ``epoch``: optim.total_steps spread evenly over the epochs when set."""
+        total, epochs = self.cfg.optim.total_steps, self.cfg.optim.epochs
+        if total is None:
+            return self.steps_per_epoch
+        return min(self.steps_per_epoch, (epoch + 1) * total // epochs - epoch * total // epochs)
+
+    def _epoch_batches(self, epoch: int, limit: int) -> Iterator[tuple]:
+        """``limit`` batches of epoch ``epoch``. Without optim.total_steps that is (at most) one pass
+        over the training tiles, in the sampler's order for ``epoch``; with it, as many passes as the
+        epoch's steps need, each with its own seeded order and augmentation (pass ids are unique per
+        run and fixed per epoch, so a resume repeats them)."""
+        if self.cfg.optim.total_steps is None:
+            passes = [epoch]
+        else:
+            per_epoch = math.ceil(self.steps_per_epoch / self._batches_per_pass())
+            passes = [epoch * per_epoch + j for j in range(per_epoch)]
+        given = 0
+        for pass_id in passes:
+            for batch in self.train_loader(pass_id):
+                if given >= limit:
+                    return
+                given += 1
+                yield batch
 
     def train_loader(self, epoch: int) -> DataLoader:
         """The training loader, set to ``epoch``. One loader for the whole run, so its workers start
@@ -271,16 +302,13 @@ class Trainer:
         seed_everything(epoch_seed(self.cfg.run.seed, epoch) + self.dist.rank)
         self.train_model.train()
         self.task.method.on_epoch_start(epoch)
-        loader = self.train_loader(epoch)
         sums: dict[str, float] = {}
         seen = 0
         times = StepTimes()
-        limit = self.steps_per_epoch
+        limit = self._round_steps(epoch)
         bar = tqdm(total=limit, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", disable=not self.progress, leave=False)
         tick = time.perf_counter()
-        for step, (images, targets, index) in enumerate(loader):
-            if step >= limit:
-                break
+        for step, (images, targets, index) in enumerate(self._epoch_batches(epoch, limit)):
             images = images.to(self.device, non_blocking=True)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
@@ -440,6 +468,7 @@ class Trainer:
         total = self.state.times
         results["train_seconds"] = total.data + total.compute
         results["step_time"] = total.as_dict()
+        results["optimizer_steps"] = total.steps
         results["peak_memory_mb"] = _peak_memory_mb(self.device)
         results["data"] = {name: len(ds) if ds is not None else 0 for name, ds in
                            (("train", self.data.train), ("val", self.data.val), ("test", self.data.test))}
