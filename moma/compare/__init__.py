@@ -21,7 +21,7 @@ from moma.compare.config import CompareConfig, load_compare_config
 from moma.compare.grid import Grid, GridRun, choose_out_dir, grid_logging
 from moma.compare.report import ReportContext, write_report
 from moma.compare.results import build_results, failures
-from moma.engine.io import atomic_write_text
+from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

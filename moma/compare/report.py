@@ -27,8 +27,8 @@ from moma.compare.stats import (  # noqa: E402
     summarize,
     verdict,
 )
-from moma.engine.io import atomic_path, atomic_write_text  # noqa: E402
 from moma.engine.plots import plot_confusion  # noqa: E402
+from moma.utils.io import atomic_path, atomic_write_text  # noqa: E402
 
 LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "kappa": "kappa", "qwk": "QWK", "auc": "AUC"}
 TABLE_METRICS = ("accuracy", "macro_f1", "kappa")

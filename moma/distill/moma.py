@@ -39,7 +39,8 @@ from moma.distill.batch_attention import BatchAttention
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
-from moma.engine import distributed as dist_utils
+from moma.utils import collectives as dist_utils
+from moma.utils.collectives import unwrap_parallel
 from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
 
@@ -138,11 +139,6 @@ def running_stats_frozen(model: nn.Module):
             m.track_running_stats = True
 
 
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module itself, also when DistributedDataParallel wraps it."""
-    return getattr(module, "module", module)
-
-
 def _classifier_names(model: nn.Module) -> set[str]:
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     if classifier is None:
@@ -224,7 +220,7 @@ class MoMA(DistillMethod):
         if ctx.teacher is None:
             raise ConfigError("distill.method 'moma' needs a teacher checkpoint (distill.teacher)")
         # References only: both networks belong to the task (a tuple is not registered as submodules).
-        self._taps: tuple[FeatureTap, FeatureTap] = (_unwrap(ctx.student), _unwrap(ctx.teacher))
+        self._taps: tuple[FeatureTap, FeatureTap] = (unwrap_parallel(ctx.student), unwrap_parallel(ctx.teacher))
         student, teacher = self._student_model, self._teacher_model
         _check_same_architecture(student, teacher)
         if not ctx.same_label_space:
@@ -273,11 +269,11 @@ class MoMA(DistillMethod):
     # --------------------------------------------------------------- setup helpers
     @property
     def _student_model(self) -> nn.Module:
-        return _unwrap(self._taps[0]).model
+        return unwrap_parallel(self._taps[0]).model
 
     @property
     def _teacher_model(self) -> nn.Module:
-        return _unwrap(self._taps[1]).model
+        return unwrap_parallel(self._taps[1]).model
 
     @staticmethod
     def _queue_size(params: MoMAParams, ctx: MethodContext) -> int:

@@ -17,6 +17,7 @@ from torch import nn
 from moma.distill.base import Batch, DistillMethod
 from moma.distill.kd import kd_loss
 from moma.models.taps import FeatureTap
+from moma.utils.collectives import unwrap_parallel
 
 log = logging.getLogger(__name__)
 
@@ -108,7 +109,7 @@ class DistillationTask(nn.Module):
     @property
     def student_tap(self) -> FeatureTap:
         """The student tap, unwrapped from DistributedDataParallel if it is wrapped."""
-        return getattr(self.student, "module", self.student)
+        return unwrap_parallel(self.student)
 
     def inference_model(self) -> nn.Module:
         """The deliverable: the student network, with the method's replacement head if it has one."""

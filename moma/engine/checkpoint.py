@@ -24,8 +24,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moma.engine.io import atomic_path
 from moma.errors import CheckpointError
+from moma.utils.io import atomic_path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "moma"

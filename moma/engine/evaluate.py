@@ -14,9 +14,9 @@ from tqdm import tqdm
 
 from moma.data.dataset import TileDataset
 from moma.engine.device import autocast
-from moma.engine.io import atomic_write_json, atomic_write_text
 from moma.engine.plots import plot_confusion
 from moma.metrics import compute_metrics
+from moma.utils.io import atomic_write_json, atomic_write_text
 
 
 @torch.no_grad()

@@ -17,9 +17,9 @@ from moma.distill.registry import get_method
 from moma.distill.task import DeployedClassifier
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_report, eval_loader
-from moma.engine.io import atomic_write_text
 from moma.errors import DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
+from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from moma.config import Config
 from moma.engine.checkpoint import versions
-from moma.engine.io import atomic_write_json, atomic_write_text
+from moma.utils.io import atomic_write_json, atomic_write_text
 
 CONFIG_NAME = "config.yaml"
 SPLIT_NAME = "split.csv"

@@ -41,7 +41,6 @@ from moma.engine.checkpoint import (
 )
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
 from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
-from moma.engine.io import atomic_write_json, atomic_write_text
 from moma.engine.plots import plot_curves
 from moma.engine.runs import (
     BEST_NAME,
@@ -56,6 +55,8 @@ from moma.engine.runs import (
 )
 from moma.errors import MomaError
 from moma.metrics import summary
+from moma.utils.collectives import all_gather_rows, unshuffle
+from moma.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -359,9 +360,9 @@ class Trainer:
         shard = Subset(val, range(rank, len(val), world))
         loader = eval_loader(shard, batch_size, num_workers=self._eval_workers(), pin_memory=self.device.type == "cuda")
         probs, _ = predict_probs(model, loader, self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
-        gathered = dist_utils.all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
+        gathered = all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
         order = torch.cat([torch.arange(r, len(val), world) for r in range(world)])
-        probs = dist_utils.unshuffle(gathered, order).numpy()
+        probs = unshuffle(gathered, order).numpy()
         return metrics_from_probs(val.targets.numpy(), probs, val.classes)
 
     def _log_epoch(self, epoch: int, seconds: float, train: dict, val: dict) -> dict:
