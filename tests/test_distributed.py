@@ -22,6 +22,7 @@ import torch.distributed as dist
 
 from moma.engine import distributed as dist_utils
 from moma.utils import collectives
+from moma.engine.state import load_training_state
 from moma.errors import ConfigError
 from conftest import write_teacher
 
@@ -240,7 +241,7 @@ def test_torchrun_moma_run_gathers_keys_syncs_weights_and_resumes_in_one_process
         assert torch.equal(value, r1["params"][key]), key
 
     run_dir = runs / "run"
-    state = torch.load(run_dir / "state.pt", weights_only=False)
+    state = load_training_state(run_dir / "state.pt")
     assert state["world_size"] == 2 and not any(".module." in k for k in state["task"])
 
     from moma.config import load_config
@@ -249,7 +250,7 @@ def test_torchrun_moma_run_gathers_keys_syncs_weights_and_resumes_in_one_process
     cfg = load_config(run_dir / "config.yaml", ["optim.epochs=2"])
     results = run_training(cfg, resume_dir=run_dir)  # this process: one rank
     assert results["epochs"] == 2
-    resumed = torch.load(run_dir / "state.pt", weights_only=False)
+    resumed = load_training_state(run_dir / "state.pt")
     assert resumed["world_size"] == 1 and resumed["task"].keys() == state["task"].keys()
 
 

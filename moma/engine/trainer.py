@@ -31,17 +31,11 @@ from moma.config import Config
 from moma.distill.base import Batch
 from moma.engine import distributed as dist_utils
 from moma.engine.builder import DataBundle, build_data, build_task
-from moma.engine.checkpoint import (
-    ModelMetadata,
-    load_training_state,
-    rng_state,
-    save_model_checkpoint,
-    save_training_state,
-    set_rng_state,
-)
+from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
 from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
 from moma.engine.plots import plot_curves
+from moma.engine.state import load_matching, load_training_state, rng_state, save_training_state, set_rng_state
 from moma.engine.runs import (
     BEST_NAME,
     LAST_NAME,
@@ -115,6 +109,8 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.channels_last = self.device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
         self.progress = cfg.train.progress and self.dist.is_main
+        # Read (and check) the state to resume from before any data is scanned.
+        self._saved_state = load_training_state(run_dir / STATE_NAME) if resume else None
         configure_determinism(cfg.run.deterministic)
         seed_everything(cfg.run.seed)
 
@@ -235,9 +231,9 @@ class Trainer:
         save_training_state(self.run_dir / STATE_NAME, state)
 
     def load_state(self) -> None:
-        state = load_training_state(self.run_dir / STATE_NAME)
+        state, self._saved_state = self._saved_state, None
         with dist_utils.unwrapped_student(self.task) as task:
-            task.load_state_dict(state["task"])
+            load_matching(task, state["task"], self.run_dir / STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
