@@ -30,7 +30,7 @@ from tqdm import tqdm
 from moma.config import Config
 from moma.distill.base import Batch
 from moma.engine import distributed as dist_utils
-from moma.engine.builder import DataBundle, build_data, build_task
+from moma.engine.builder import DataBundle, build_data, build_task, prepare_distillation
 from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
 from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
@@ -114,9 +114,10 @@ class Trainer:
         configure_determinism(cfg.run.deterministic)
         seed_everything(cfg.run.seed)
 
+        setup = prepare_distillation(cfg)  # a bad teacher or method fails before the data scan
         self.data: DataBundle = build_data(cfg, run_dir / SPLIT_NAME, progress=self.progress)
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
-                                                train_targets=self.data.train.targets)
+                                                train_targets=self.data.train.targets, setup=setup)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
