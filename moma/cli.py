@@ -154,8 +154,8 @@ def cmd_info(args) -> int:
 def _method_defaults(cls) -> str:
     params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
     weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
-    needs = "same classes as the teacher" if cls.logit_based else "any teacher" if cls.requires_teacher else "no teacher"
-    if getattr(cls, "requires_same_architecture", False):
+    needs = "same classes as the teacher" if cls.needs_teacher_classes else "any teacher" if cls.requires_teacher else "no teacher"
+    if cls.requires_same_architecture:
         needs += ", same architecture"
     return f"{weights}; {params or 'no parameters'}; needs: {needs}"
 

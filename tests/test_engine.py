@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from moma.engine import trainer as trainer_module
 from moma.engine.trainer import run_training
-from moma.errors import CheckpointError
+from moma.errors import CheckpointError, ConfigError
 
 
 def test_training_learns_separable_tiles(tile_folder, make_config):
@@ -88,4 +88,14 @@ def test_a_missing_student_weights_file_fails_before_any_tile_is_read(tmp_path, 
     monkeypatch.setattr("moma.engine.builder.scan_tiles", lambda *a, **k: pytest.fail("data scanned"))
     cfg = make_config(tmp_path, distill={"student_init": str(tmp_path / "nope.pt")})
     with pytest.raises(CheckpointError, match="weights file .*nope.pt not found"):
+        run_training(cfg)
+
+
+def test_a_moma_teacher_of_another_architecture_fails_before_any_tile_is_read(tmp_path, make_config, monkeypatch):
+    from conftest import write_teacher
+
+    teacher = write_teacher(tmp_path / "teacher.safetensors", ["a", "b"], arch="test_efficientnet")
+    monkeypatch.setattr("moma.engine.builder.scan_tiles", lambda *a, **k: pytest.fail("data scanned"))
+    cfg = make_config(tmp_path, distill={"method": "moma", "teacher": str(teacher)})
+    with pytest.raises(ConfigError, match="needs a teacher of the student's architecture .*model.arch=test_efficientnet"):
         run_training(cfg)

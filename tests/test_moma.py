@@ -54,7 +54,7 @@ def perturb(module, seed=5):
 
 def test_class_attributes_and_default_weights(build):
     cls = get_method("moma")
-    assert cls.requires_same_architecture and cls.teacher_is_updated and not cls.logit_based
+    assert cls.requires_same_architecture and cls.teacher_is_updated and not cls.needs_teacher_classes
     assert (cls.default_ce_weight, cls.default_kl_weight) == (1.0, 1.0)
     task = build()
     assert task.loss_weights() == {"ce": 1.0, "kl": 1.0, "nce": 1.0}

@@ -386,7 +386,7 @@ class Grid:
         if teacher_name is None:
             return f"{method_cls.name} needs a teacher and this setting has none" if method_cls.requires_teacher else None
         teacher = self.teachers.get(teacher_name)
-        if method_cls.logit_based and teacher is not None and teacher.classes is not None:
+        if method_cls.needs_teacher_classes and teacher is not None and teacher.classes is not None:
             if sorted(teacher.classes) != sorted(self.target_classes(cell)):
                 return (f"{method_cls.name} matches logits, which needs a teacher trained on the target's classes "
                         f"(teacher: {', '.join(teacher.classes)}; target: {', '.join(self.target_classes(cell))})")

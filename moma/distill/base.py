@@ -65,7 +65,14 @@ class DistillMethod(nn.Module):
     reference: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     requires_teacher: ClassVar[bool] = True
-    logit_based: ClassVar[bool] = False  # needs teacher logits over the student's classes
+    # Uses the teacher's class outputs (logits or classifier): needs a teacher trained on the data's classes.
+    needs_teacher_classes: ClassVar[bool] = False
+    # The teacher must have the student's layers (MoMA: it becomes a momentum average of the student).
+    requires_same_architecture: ClassVar[bool] = False
+    # The method changes the teacher's weights while training (so they are part of the training state).
+    teacher_is_updated: ClassVar[bool] = False
+    # Some student parameters get no gradient (SimKD's own classifier): DDP must look for unused ones.
+    student_has_unused_parameters: ClassVar[bool] = False
     default_ce_weight: ClassVar[float] = 1.0
     default_kl_weight: ClassVar[float] = 0.0
 

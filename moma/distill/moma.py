@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from contextlib import contextmanager, nullcontext
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -209,9 +209,9 @@ class MoMA(DistillMethod):
     reference = "Vuong & Kwak, MoMA, Medical Image Analysis 101 (2025) 103421, arXiv 2308.16561"
     Params = MoMAParams
     requires_teacher = True
-    logit_based = False  # works across label sets; the KL term is then switched off by the builder
-    requires_same_architecture: ClassVar[bool] = True
-    teacher_is_updated: ClassVar[bool] = True
+    needs_teacher_classes = False  # works across label sets; the KL term is then switched off by the builder
+    requires_same_architecture = True
+    teacher_is_updated = True
     default_ce_weight = 1.0  # -c 1
     default_kl_weight = 1.0  # -d 1 (same task only)
 

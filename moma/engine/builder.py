@@ -20,7 +20,7 @@ from moma.distill.registry import all_methods, get_method
 from moma.distill.task import DistillationTask, InputAdapter
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.errors import CheckpointError, ConfigError
-from moma.models.backbone import create_backbone, load_backbone_weights, read_state_dict
+from moma.models.backbone import create_backbone, load_backbone_weights, read_state_dict, same_architecture
 from moma.models.taps import FeatureTap, TapOutputs, num_stages
 
 log = logging.getLogger(__name__)
@@ -83,6 +83,15 @@ def load_teacher(path: str | Path) -> Teacher:
     load_backbone_weights(model, state, f"teacher {path}")
     model.eval()
     return Teacher(FeatureTap(model), meta, state)
+
+
+def _check_same_architecture(cfg: Config, method_cls: type[DistillMethod], teacher: Teacher) -> None:
+    student = create_backbone(cfg.model.arch, teacher.meta.num_classes)
+    if not same_architecture(student, teacher.tap.model):
+        raise ConfigError(
+            f"distill.method '{method_cls.name}' needs a teacher of the student's architecture (teacher: "
+            f"{teacher.meta.arch}, student: {cfg.model.arch}); set model.arch={teacher.meta.arch} or choose another method"
+        )
 
 
 def _check_teacher_init(cfg: Config, teacher: Teacher | None) -> None:
@@ -174,6 +183,8 @@ def prepare_distillation(cfg: Config) -> DistillSetup:
         raise ConfigError(f"distill.method '{method_cls.name}' needs a teacher: set distill.teacher (or --teacher) to a checkpoint")
     if teacher is not None:
         check_resolution(cfg, teacher.meta, f"teacher {cfg.distill.teacher}")
+        if method_cls.requires_same_architecture:
+            _check_same_architecture(cfg, method_cls, teacher)
     if cfg.distill.student_init == "teacher":
         _check_teacher_init(cfg, teacher)
     weights_file = student_weights_file(cfg)
@@ -190,8 +201,8 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
     setup = setup if setup is not None else prepare_distillation(cfg)
     method_cls, params, teacher = setup.method_cls, setup.params, setup.teacher
     same_labels = teacher is not None and sorted(teacher.meta.class_names) == sorted(classes)
-    if method_cls.logit_based and not same_labels:
-        usable = [name for name, cls in all_methods().items() if not cls.logit_based]
+    if method_cls.needs_teacher_classes and not same_labels:
+        usable = [name for name, cls in all_methods().items() if not cls.needs_teacher_classes]
         raise ConfigError(
             f"distill.method '{method_cls.name}' uses the teacher's class outputs (logits or classifier), so it "
             f"needs a teacher trained on the same classes (teacher: {', '.join(teacher.meta.class_names)}; "

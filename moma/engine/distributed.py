@@ -199,8 +199,8 @@ def wrap_task(task: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     if task.teacher is not None:
         broadcast_module_state(task.teacher, info)
     device_ids = [device.index] if device.type == "cuda" else None
-    unused = getattr(task.method, "student_has_unused_parameters", False)
-    task.student = DDP(task.student, device_ids=device_ids, find_unused_parameters=unused)
+    task.student = DDP(task.student, device_ids=device_ids,
+                       find_unused_parameters=task.method.student_has_unused_parameters)
     return task
 
 
