@@ -151,30 +151,20 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _method_defaults(cls) -> str:
-    params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
-    weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
-    needs = "same classes as the teacher" if cls.needs_teacher_classes else "any teacher" if cls.requires_teacher else "no teacher"
-    if cls.requires_same_architecture:
-        needs += ", same architecture"
-    return f"{weights}; {params or 'no parameters'}; needs: {needs}"
-
-
 def cmd_methods(args) -> int:
     from moma.distill import all_methods
+    from moma.distill.registry import method_defaults, methods_markdown
 
     methods = all_methods()
     if args.markdown:
-        print("| method | what it does | reference | defaults |\n|---|---|---|---|")
-        for name, cls in methods.items():
-            print(f"| `{name}` | {cls.summary} | {cls.reference} | {_method_defaults(cls)} |")
+        print(methods_markdown(methods))
         return 0
     width = max(len(name) for name in methods)
     for name, cls in methods.items():
         print(f"{name:<{width}}  {cls.summary}")
         print(f"{'':<{width}}  ref: {cls.reference}")
         if args.defaults:
-            print(f"{'':<{width}}  defaults: {_method_defaults(cls)}")
+            print(f"{'':<{width}}  defaults: {method_defaults(cls)}")
     return 0
 
 

@@ -1,7 +1,8 @@
 """Distillation methods, one file each, registered by name with ``@register_method``.
 
 To add a method: write ``moma/distill/<name>.py`` with a :class:`DistillMethod` subclass, import it
-below (the registry line), and add its test.
+below (the registry line), add its test, and regenerate docs/methods.md's table with
+``python scripts/update_methods_doc.py``.
 """
 
 from moma.distill.base import Batch, DistillMethod, MethodContext, MethodParams

@@ -34,3 +34,26 @@ def method_names() -> list[str]:
 
 def all_methods() -> dict[str, type]:
     return dict(sorted(_METHODS.items()))
+
+
+def method_requirements(cls: type) -> str:
+    """What a method needs from the teacher, in words."""
+    if cls.needs_teacher_classes:
+        needs = "same classes as the teacher"
+    else:
+        needs = "any teacher" if cls.requires_teacher else "no teacher"
+    return needs + (", same architecture" if cls.requires_same_architecture else "")
+
+
+def method_defaults(cls: type) -> str:
+    """Default loss weights, parameters and requirements of a method, on one line."""
+    params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
+    weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
+    return f"{weights}; {params or 'no parameters'}; needs: {method_requirements(cls)}"
+
+
+def methods_markdown(methods: dict[str, type]) -> str:
+    """The method table of docs/methods.md (``moma methods --markdown``)."""
+    lines = ["| method | what it does | reference | defaults |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {cls.summary} | {cls.reference} | {method_defaults(cls)} |" for name, cls in methods.items()]
+    return "\n".join(lines)
