@@ -380,17 +380,17 @@ class Grid:
 
     def not_applicable_reason(self, cell: Cell) -> str | None:
         from moma.distill import get_method
+        from moma.distill.registry import not_applicable_reason
 
         method_cls = get_method(self.cfg.registered_name(cell.method))
         teacher_name = self.cfg.settings[cell.setting].teacher
         if teacher_name is None:
-            return f"{method_cls.name} needs a teacher and this setting has none" if method_cls.requires_teacher else None
+            return not_applicable_reason(method_cls, None)
         teacher = self.teachers.get(teacher_name)
-        if method_cls.needs_teacher_classes and teacher is not None and teacher.classes is not None:
-            if sorted(teacher.classes) != sorted(self.target_classes(cell)):
-                return (f"{method_cls.name} matches logits, which needs a teacher trained on the target's classes "
-                        f"(teacher: {', '.join(teacher.classes)}; target: {', '.join(self.target_classes(cell))})")
-        return None
+        if teacher is None or teacher.classes is None:
+            return None  # a failed teacher fails its cells instead
+        needs_classes = method_cls.needs_teacher_classes
+        return not_applicable_reason(method_cls, teacher.classes, self.target_classes(cell) if needs_classes else None)
 
     # ------------------------------------------------------------------ cells
     def external_test(self, cell: Cell, cfg: Config) -> None:

@@ -16,7 +16,7 @@ from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_sp
 from moma.data.tiles import TileTable, scan_tiles
 from moma.data.transforms import build_eval_transform, build_train_transform
 from moma.distill.base import DistillMethod, MethodContext, MethodParams
-from moma.distill.registry import all_methods, get_method
+from moma.distill.registry import applicable_methods, get_method, not_applicable_reason
 from moma.distill.task import DistillationTask, InputAdapter
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.errors import CheckpointError, ConfigError
@@ -179,8 +179,9 @@ def prepare_distillation(cfg: Config) -> DistillSetup:
     method, parameter or teacher fails before any tile is read."""
     method_cls, params = resolve_method(cfg)
     teacher = load_teacher(cfg.distill.teacher) if cfg.distill.teacher else None
-    if method_cls.requires_teacher and teacher is None:
-        raise ConfigError(f"distill.method '{method_cls.name}' needs a teacher: set distill.teacher (or --teacher) to a checkpoint")
+    reason = not_applicable_reason(method_cls, None if teacher is None else teacher.meta.class_names)
+    if reason:  # without the data only a missing teacher can be told
+        raise ConfigError(f"distill.method {reason}: set distill.teacher (or --teacher) to a checkpoint")
     if teacher is not None:
         check_resolution(cfg, teacher.meta, f"teacher {cfg.distill.teacher}")
         if method_cls.requires_same_architecture:
@@ -201,14 +202,11 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
     setup = setup if setup is not None else prepare_distillation(cfg)
     method_cls, params, teacher = setup.method_cls, setup.params, setup.teacher
     same_labels = teacher is not None and sorted(teacher.meta.class_names) == sorted(classes)
-    if method_cls.needs_teacher_classes and not same_labels:
-        usable = [name for name, cls in all_methods().items() if not cls.needs_teacher_classes]
-        raise ConfigError(
-            f"distill.method '{method_cls.name}' uses the teacher's class outputs (logits or classifier), so it "
-            f"needs a teacher trained on the same classes (teacher: {', '.join(teacher.meta.class_names)}; "
-            f"data: {', '.join(classes)}). "
-            f"Methods that work across label sets: {', '.join(usable)}"
-        )
+    teacher_classes = None if teacher is None else teacher.meta.class_names
+    reason = not_applicable_reason(method_cls, teacher_classes, classes)
+    if reason:
+        usable = ", ".join(applicable_methods(teacher_classes, classes))
+        raise ConfigError(f"distill.method {reason}. Methods that work across label sets: {usable}")
     student_model, init_note = build_student(cfg, len(classes), teacher, setup.student_weights)
     student = FeatureTap(student_model).to(device)
     teacher_tap = teacher.tap.to(device) if (teacher is not None and method_cls.requires_teacher) else None
