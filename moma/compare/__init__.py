@@ -21,6 +21,7 @@ from moma.compare.config import CompareConfig, load_compare_config
 from moma.compare.grid import Grid, GridRun, choose_out_dir, grid_logging
 from moma.compare.report import ReportContext, write_report
 from moma.compare.results import build_results, failures
+from moma.compare.status import DONE, FAILED, NOT_APPLICABLE
 from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -87,7 +88,7 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None, out
             write_outputs(cfg, out, run, command)  # results.csv with the pending cells
             raise
         write_outputs(cfg, out, run, command)
-        counts = {s: sum(o.status == s for o in run.outcomes.values()) for s in ("done", "failed", "not_applicable")}
-        log.info("%d done, %d failed, %d not applicable; %d runs trained in %.0f s. Report: %s", counts["done"],
-                 counts["failed"], counts["not_applicable"], run.trained, run.seconds, out / "report.html")
+        counts = {s: sum(o.status == s for o in run.outcomes.values()) for s in (DONE, FAILED, NOT_APPLICABLE)}
+        log.info("%d done, %d failed, %d not applicable; %d runs trained in %.0f s. Report: %s", counts[DONE],
+                 counts[FAILED], counts[NOT_APPLICABLE], run.trained, run.seconds, out / "report.html")
     return out

@@ -31,13 +31,13 @@ from tqdm import tqdm
 
 from moma.compare.config import CompareConfig
 from moma.compare.holdout import write_holdout_manifests
+from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.config import Config, build_config
 from moma.engine.runs import BEST_NAME, CONFIG_NAME, LAST_NAME, METRICS_NAME, STATE_NAME, create_run_dir
 from moma.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, NOT_APPLICABLE, PENDING = "done", "failed", "not_applicable", "pending"
 EXTERNAL_DIR = "external"
 # Keys that change how a run executes, not what it computes: ignored when a re-run checks that a
 # finished cell was trained with the config it would get now.

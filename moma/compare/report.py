@@ -18,6 +18,7 @@ import pandas as pd  # noqa: E402
 
 from moma.compare.config import CompareConfig  # noqa: E402
 from moma.compare.results import COST_COLUMNS  # noqa: E402
+from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, STATUSES, failure_rows  # noqa: E402
 from moma.config import build_config  # noqa: E402
 from moma.compare.stats import (  # noqa: E402
     METRICS,
@@ -78,8 +79,8 @@ def _best_flags(values: pd.Series, higher: bool = True) -> list[bool]:
 def _status_counts(results: pd.DataFrame, setting: str, method: str) -> tuple[int, int, int, str]:
     rows = results[(results["setting"] == setting) & (results["method"] == method)]
     counts = rows["status"].value_counts()
-    note = rows.loc[rows["status"] == "not_applicable", "message"]
-    return int(counts.get("done", 0)), int(counts.get("failed", 0)), len(rows), note.iloc[0] if len(note) else ""
+    note = rows.loc[rows["status"] == NOT_APPLICABLE, "message"]
+    return int(counts.get(DONE, 0)), int(counts.get(FAILED, 0)), len(rows), note.iloc[0] if len(note) else ""
 
 
 def metrics_table(results: pd.DataFrame, ranked: pd.DataFrame, setting: str) -> Table:
@@ -141,7 +142,7 @@ def plain_words(paired: pd.DataFrame, setting: str, baseline: str) -> str:
 
 
 def _on_gpu(results: pd.DataFrame, setting: str, method: str) -> bool:
-    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == "done")]
+    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == DONE)]
     return "device" in rows and len(rows) > 0 and rows["device"].astype(str).str.startswith("cuda").all()
 
 
@@ -167,9 +168,8 @@ def external_table(summary: pd.DataFrame, setting: str) -> Table:
 
 
 def failure_table(results: pd.DataFrame) -> Table:
-    bad = results[(results["status"] == "failed") | ((results["status"] == "done") & (results["message"] != ""))]
     rows = [[(f"{r.setting}/{r.method}/fold{r.fold}-seed{r.seed}", False), (r.status, False), (r.message, False)]
-            for r in bad.itertuples()]
+            for r in failure_rows(results).itertuples()]
     return Table(["cell", "status", "message"], rows)
 
 
@@ -242,7 +242,7 @@ def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[
     """Test accuracy against training time, one point per finished cell."""
     colours = _colours(methods)
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
-    done = results[results["status"] == "done"]
+    done = results[results["status"] == DONE]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for s_index, setting in enumerate(settings):
         for method in methods:
@@ -261,7 +261,7 @@ def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[
 
 def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str) -> tuple[np.ndarray, list[str]] | None:
     """The test confusion matrices of a method's finished cells, summed over folds x seeds."""
-    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == "done")]
+    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == DONE)]
     total, names = None, None
     for run_dir in rows["run_dir"]:
         path = out / run_dir / "confusion_test_best.csv"
@@ -345,7 +345,7 @@ def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, p
 
 def _header_lines(ctx: ReportContext, results: pd.DataFrame) -> list[tuple[str, str]]:
     counts = results["status"].value_counts()
-    status = ", ".join(f"{int(counts.get(s, 0))} {s.replace('_', ' ')}" for s in ("done", "failed", "not_applicable", "pending"))
+    status = ", ".join(f"{int(counts.get(s, 0))} {s.replace('_', ' ')}" for s in STATUSES)
     machine = ctx.machine
     return [
         ("command", ctx.command),
@@ -430,7 +430,7 @@ def make_plots(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame) 
             path = plots / f"confusion_{setting}_{method}.png"
             plot_confusion(summed[0], summed[1], path, title=f"{setting}: {method} ({role})")
             images.append((f"{setting}: test confusion matrix of {method} ({role}), summed over folds x seeds", path))
-    if (results["status"] == "done").any():
+    if (results["status"] == DONE).any():
         plot_time_scatter(results, methods, settings, plots / "accuracy_vs_time.png")
         images.append(("test accuracy vs training time, one point per run", plots / "accuracy_vs_time.png"))
     return images

@@ -10,8 +10,9 @@ from pathlib import Path
 import pandas as pd
 
 from moma.compare.config import CompareConfig
-from moma.compare.grid import DONE, EXTERNAL_DIR, NOT_APPLICABLE, Cell, GridRun
+from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
 from moma.compare.stats import METRICS
+from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
 from moma.engine.runs import METRICS_NAME
 
 COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
@@ -68,5 +69,4 @@ def build_results(cfg: CompareConfig, out: Path, run: GridRun) -> pd.DataFrame:
 
 def failures(results: pd.DataFrame) -> pd.DataFrame:
     """Cells that failed, or finished with a problem (e.g. in the external test)."""
-    bad = (results["status"] == "failed") | ((results["status"] == DONE) & (results["message"] != ""))
-    return results.loc[bad, ["setting", "method", "fold", "seed", "status", "message", "run_dir"]]
+    return failure_rows(results)[["setting", "method", "fold", "seed", "status", "message", "run_dir"]]

@@ -17,12 +17,14 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
+from moma.compare.status import DONE, NOT_APPLICABLE
+
 METRICS = ("accuracy", "macro_f1", "kappa", "qwk", "auc")
 PAIR_KEYS = ["fold", "seed"]
 
 
 def done_rows(results: pd.DataFrame) -> pd.DataFrame:
-    return results[results["status"] == "done"]
+    return results[results["status"] == DONE]
 
 
 def summarize(results: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
@@ -113,7 +115,7 @@ def compare_with_baseline(results: pd.DataFrame, baseline: str, columns: list[st
             continue
         for method in methods:
             statuses = set(results[(results["setting"] == setting) & (results["method"] == method)]["status"])
-            if method == baseline or statuses == {"not_applicable"}:
+            if method == baseline or statuses == {NOT_APPLICABLE}:
                 continue
             row: dict = {"setting": setting, "method": method, "baseline": baseline}
             for column in columns:
