@@ -81,6 +81,8 @@ def _config_from_args(args) -> "Config":  # noqa: F821
 
 
 def _print_results(results: dict) -> None:
+    from moma.engine.layout import CURVES_NAME, METRICS_NAME, TEST_BEST_TAG, report_file
+
     run_dir = Path(results["run_dir"])
     lines = [f"run folder: {run_dir}", f"best epoch (by val {results['select_metric']}): {results['best_epoch']}"]
     for tag in ("best", "last"):
@@ -90,20 +92,21 @@ def _print_results(results: dict) -> None:
                          f"kappa {test['kappa']:.4f}  QWK {test['qwk']:.4f}  AUC {test['auc']:.4f}")
     if results.get("skipped_tiles"):
         lines.append(f"skipped {results['skipped_tiles']} unreadable tile(s) (see train.log)")
-    lines += [f"metrics: {run_dir / 'metrics.json'}", f"confusion matrix: {run_dir / 'confusion_test_best.png'}",
-              f"curves: {run_dir / 'curves.png'}"]
+    lines += [f"metrics: {run_dir / METRICS_NAME}", f"confusion matrix: {run_dir / report_file('confusion_png', TEST_BEST_TAG)}",
+              f"curves: {run_dir / CURVES_NAME}"]
     print("\n".join(lines))
 
 
 def cmd_train(args, distill: bool = False) -> int:
     from moma.config import load_config
+    from moma.engine.layout import CONFIG_NAME
     from moma.engine.trainer import run_training
 
     if args.resume:
         run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides + (["train.profile=true"] if args.profile else []))
+        if not (run_dir / CONFIG_NAME).is_file():
+            raise ConfigError(f"--resume {run_dir}: not a run folder (no {CONFIG_NAME})")
+        cfg = load_config(run_dir / CONFIG_NAME, args.overrides + (["train.profile=true"] if args.profile else []))
         results = run_training(cfg, resume_dir=run_dir)
     else:
         cfg = _config_from_args(args)

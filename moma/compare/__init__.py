@@ -18,7 +18,7 @@ from pathlib import Path
 import yaml
 
 from moma.compare.config import CompareConfig, load_compare_config
-from moma.compare.grid import Grid, GridRun, choose_out_dir, grid_logging
+from moma.compare.grid import COMPARE_CONFIG_NAME, Grid, GridRun, choose_out_dir, grid_logging
 from moma.compare.report import ReportContext, write_report
 from moma.compare.results import build_results, failures
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE
@@ -79,7 +79,7 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None, out
     grid = Grid(cfg, out)
     run = GridRun(grid.cells())
     grid.check_existing_runs(run.cells)
-    atomic_write_text(out / "compare.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(out / COMPARE_CONFIG_NAME, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     with grid_logging(out):
         log.info("compare folder: %s", out)
         try:

@@ -33,12 +33,15 @@ from moma.compare.config import CompareConfig
 from moma.compare.holdout import write_holdout_manifests
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.config import Config, build_config
-from moma.engine.runs import BEST_NAME, CONFIG_NAME, LAST_NAME, METRICS_NAME, STATE_NAME, create_run_dir
+from moma.engine.layout import BEST_NAME, CONFIG_NAME, EVAL_TAG, LAST_NAME, METRICS_NAME, STATE_NAME, report_file
+from moma.engine.runs import create_run_dir
 from moma.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 EXTERNAL_DIR = "external"
+COMPARE_CONFIG_NAME = "compare.yaml"
+ERROR_NAME = "error.txt"  # a failed cell's traceback
 # Keys that change how a run executes, not what it computes: ignored when a re-run checks that a
 # finished cell was trained with the config it would get now.
 VOLATILE_KEYS = {("run", "name"), ("run", "output_dir"), ("run", "device"), ("train", "progress"),
@@ -89,7 +92,7 @@ def choose_out_dir(cfg: CompareConfig, out_dir: str | Path | None, resume: bool)
     """The compare folder: the given or default one when resuming; a new ``<name>-N`` with fresh."""
     base = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
     occupied = base.is_dir() and any(base.iterdir())
-    if occupied and not (base / "compare.yaml").is_file():
+    if occupied and not (base / COMPARE_CONFIG_NAME).is_file():
         if resume:
             raise ConfigError(f"{base} is not empty and is not a compare folder (no compare.yaml); choose another --out")
     if not occupied or resume:
@@ -400,7 +403,7 @@ class Grid:
 
         spec = self.cfg.settings[cell.setting].external_test
         out = self.out / cell.rel_dir / EXTERNAL_DIR
-        if spec is None or (out / "metrics_eval.json").is_file():
+        if spec is None or (out / report_file("metrics", EVAL_TAG)).is_file():
             return
         evaluate_checkpoint(self.out / cell.rel_dir / BEST_NAME, _absolute(spec.source), out, resolve_device(cfg.run.device),
                             mpp=spec.mpp, batch_size=spec.batch_size, progress=False)
@@ -422,7 +425,7 @@ class Grid:
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("cell %s failed: %s", cell.label, message)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            (run_dir / ERROR_NAME).write_text(traceback.format_exc())
             return Outcome(FAILED, message), False
         try:
             self.external_test(cell, cfg)

@@ -28,6 +28,7 @@ from moma.compare.stats import (  # noqa: E402
     summarize,
     verdict,
 )
+from moma.engine.layout import TEST_BEST_TAG, report_file  # noqa: E402
 from moma.engine.plots import plot_confusion  # noqa: E402
 from moma.utils.io import atomic_path, atomic_write_text  # noqa: E402
 
@@ -264,7 +265,7 @@ def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str
     rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == DONE)]
     total, names = None, None
     for run_dir in rows["run_dir"]:
-        path = out / run_dir / "confusion_test_best.csv"
+        path = out / run_dir / report_file("confusion_csv", TEST_BEST_TAG)
         if not path.is_file():
             continue
         frame = pd.read_csv(path, index_col=0)

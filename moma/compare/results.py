@@ -13,7 +13,7 @@ from moma.compare.config import CompareConfig
 from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
 from moma.compare.stats import METRICS
 from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
-from moma.engine.runs import METRICS_NAME
+from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
 
 COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
                 "peak_memory_mb", "extra_parameters"]
@@ -26,7 +26,7 @@ def _test_metrics(results: dict, tag: str) -> dict[str, float]:
 
 
 def _external_metrics(run_dir: Path) -> dict[str, float]:
-    path = run_dir / EXTERNAL_DIR / "metrics_eval.json"
+    path = run_dir / EXTERNAL_DIR / report_file("metrics", EVAL_TAG)
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     return {f"ext_{m}": float(metrics.get(m, NAN)) for m in METRICS}
 
@@ -45,7 +45,7 @@ def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: st
     row.update(_test_metrics(results, "last"))
     if any(setting.external_test for setting in cfg.settings.values()):
         row.update(_external_metrics(run_dir))
-    environment = run_dir / "environment.json"
+    environment = run_dir / ENVIRONMENT_NAME
     row["device"] = json.loads(environment.read_text()).get("device", "") if status == DONE and environment.is_file() else ""
     step = results.get("step_time") or {}
     row.update({

@@ -18,6 +18,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from moma.engine.layout import BEST_NAME
 from moma.errors import CheckpointError
 from moma.utils.io import atomic_path
 
@@ -102,7 +103,7 @@ def _checkpoint_file(path: str | Path) -> Path:
     """Accept a checkpoint file or a run folder (then its best.safetensors)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "best.safetensors"
+        path = path / BEST_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found (give a .safetensors file or a run folder)")
     return path

@@ -17,6 +17,7 @@ from moma.distill.registry import get_method
 from moma.distill.task import DeployedClassifier
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_report, eval_loader
+from moma.engine.layout import EVAL_TAG
 from moma.errors import DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
 from moma.utils.io import atomic_write_text
@@ -62,7 +63,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: Path,
                           progress=progress, description="tiles")
     metrics, probs = evaluate(model, dataset, device, batch_size=batch_size, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, "eval", metrics, dataset, probs, title=f"{Path(data).name}: {meta.arch}")
+    write_report(out_dir, EVAL_TAG, metrics, dataset, probs, title=f"{Path(data).name}: {meta.arch}")
     return metrics
 
 

@@ -8,15 +8,9 @@ from pathlib import Path
 
 from moma.config import Config
 from moma.engine.checkpoint import versions
+from moma.engine.layout import CONFIG_NAME, ENVIRONMENT_NAME, LOG_NAME
 from moma.utils.io import atomic_write_json, atomic_write_text
 
-CONFIG_NAME = "config.yaml"
-SPLIT_NAME = "split.csv"
-STATE_NAME = "state.pt"
-BEST_NAME = "best.safetensors"
-LAST_NAME = "last.safetensors"
-SUMMARY_NAME = "summary.csv"
-METRICS_NAME = "metrics.json"
 
 
 def create_run_dir(output_dir: str | Path, name: str) -> Path:
@@ -37,11 +31,11 @@ def create_run_dir(output_dir: str | Path, name: str) -> Path:
 def write_run_info(run_dir: Path, cfg: Config, extra: dict | None = None) -> None:
     atomic_write_text(run_dir / CONFIG_NAME, cfg.to_yaml())
     info = {"command": " ".join(sys.argv), "versions": versions(), **(extra or {})}
-    atomic_write_json(run_dir / "environment.json", info)
+    atomic_write_json(run_dir / ENVIRONMENT_NAME, info)
 
 
 def attach_log_file(run_dir: Path) -> logging.Handler:
-    handler = logging.FileHandler(run_dir / "train.log")
+    handler = logging.FileHandler(run_dir / LOG_NAME)
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     return handler

@@ -36,17 +36,18 @@ from moma.engine.device import autocast, autocast_dtype, configure_determinism, 
 from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
 from moma.engine.plots import plot_curves
 from moma.engine.state import load_matching, load_training_state, rng_state, save_training_state, set_rng_state
-from moma.engine.runs import (
+from moma.engine.layout import (
     BEST_NAME,
+    CURVES_NAME,
     LAST_NAME,
+    LOG_NAME,
     METRICS_NAME,
     SPLIT_NAME,
     STATE_NAME,
     SUMMARY_NAME,
-    attach_log_file,
-    create_run_dir,
-    write_run_info,
+    TENSORBOARD_DIR,
 )
+from moma.engine.runs import attach_log_file, create_run_dir, write_run_info
 from moma.errors import MomaError
 from moma.metrics import summary
 from moma.utils.collectives import all_gather_rows, unshuffle
@@ -384,7 +385,7 @@ class Trainer:
         if self.dist.is_main and self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR))
         epochs = self.cfg.optim.epochs
         bar = tqdm(total=epochs, initial=self.state.epoch, desc="training", unit="epoch", disable=not self.progress)
         for epoch in range(self.state.epoch, epochs):
@@ -441,7 +442,7 @@ class Trainer:
                            (("train", self.data.train), ("val", self.data.val), ("test", self.data.test))}
         results["skipped_tiles"] = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
         atomic_write_json(self.run_dir / METRICS_NAME, results)
-        plot_curves(pd.DataFrame(self.state.history), self.run_dir / "curves.png", self.cfg.train.select_metric)
+        plot_curves(pd.DataFrame(self.state.history), self.run_dir / CURVES_NAME, self.cfg.train.select_metric)
         return results
 
     def _evaluate_split(self, model, split: str, tag: str):
@@ -479,7 +480,7 @@ def _peak_memory_mb(device: torch.device) -> float:
 def _remove_unused_run_dir(run_dir: Path) -> None:
     """A run that failed before training leaves no empty folder behind (only its log was written)."""
     leftovers = [p.name for p in run_dir.iterdir()]
-    if set(leftovers) <= {"train.log"}:
+    if set(leftovers) <= {LOG_NAME}:
         for p in run_dir.iterdir():
             p.unlink()
         run_dir.rmdir()
