@@ -16,6 +16,7 @@ from torch import nn
 
 from moma.distill.base import Batch, DistillMethod
 from moma.distill.kd import kd_loss
+from moma.models.deployed import DeployedClassifier
 from moma.models.taps import FeatureTap
 from moma.utils.collectives import unwrap_parallel
 
@@ -114,24 +115,3 @@ class DistillationTask(nn.Module):
     def inference_model(self) -> nn.Module:
         """The deliverable: the student network, with the method's replacement head if it has one."""
         return DeployedClassifier(self.student_tap.model, self.method.deploy_head())
-
-
-class DeployedClassifier(nn.Module):
-    """A timm classifier, optionally with a replacement head fed by ``forward_features``."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            return self.backbone(x)
-        return self.head(self.backbone.forward_features(x))
-
-    def deploy_state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain timm keys for the backbone (loadable by ``timm.create_model``) + ``deploy_head.*``."""
-        state = dict(self.backbone.state_dict())
-        if self.head is not None:
-            state.update({f"deploy_head.{k}": v for k, v in self.head.state_dict().items()})
-        return state

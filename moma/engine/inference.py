@@ -14,12 +14,12 @@ from moma.data.splits import apply_split, load_split
 from moma.data.tiles import TileTable, is_image_file, scan_tiles
 from moma.data.transforms import build_eval_transform
 from moma.distill.registry import get_method
-from moma.distill.task import DeployedClassifier
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_report, eval_loader
 from moma.engine.layout import EVAL_TAG
 from moma.errors import DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
+from moma.models.deployed import DeployedClassifier, split_deploy_state
 from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -28,12 +28,11 @@ log = logging.getLogger(__name__)
 def load_classifier(path: str | Path, device: torch.device) -> tuple[DeployedClassifier, ModelMetadata]:
     state, meta = load_model_checkpoint(path)
     backbone = create_backbone(meta.arch, meta.num_classes)
+    backbone_state, head_state = split_deploy_state(state)
     head = None
     if meta.head is not None:
         head = get_method(meta.head["method"]).build_deploy_head(meta.head["spec"])
-        head_state = {k.removeprefix("deploy_head."): v for k, v in state.items() if k.startswith("deploy_head.")}
         head.load_state_dict(head_state)
-    backbone_state = {k: v for k, v in state.items() if not k.startswith("deploy_head.")}
     load_backbone_weights(backbone, backbone_state, f"checkpoint {path}", new_classifier_ok=False)
     model = DeployedClassifier(backbone, head).to(device).eval()
     return model, meta

@@ -427,7 +427,7 @@ class Trainer:
         last_state = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
         model = copy.deepcopy(self.task.inference_model())
         for tag, weights in (("best", self.best_weights), ("last", last_state)):
-            _load_deploy_state(model, weights)
+            model.load_deploy_state_dict(weights)
             results[tag] = {"val": summary(self._evaluate_split(model, "val", tag)[0])}
             if self.data.test is not None:
                 metrics, probs = self._evaluate_split(model, "test", tag)
@@ -457,13 +457,6 @@ def describe_times(times: StepTimes, workers: int) -> str:
     return (f"{d['data_wait_share']:.1%} of the step time waiting for data ({d['data_wait_ms']:.1f} ms/step, "
             f"{workers} loader worker(s)); student forward+backward and optimiser {d['forward_backward_ms']:.1f} ms, "
             f"teacher + method {d['distill_extras_ms']:.1f} ms; {d['images_per_second']:.1f} images/s per process")
-
-
-def _load_deploy_state(model, weights: dict[str, torch.Tensor]) -> None:
-    backbone = {k: v for k, v in weights.items() if not k.startswith("deploy_head.")}
-    model.backbone.load_state_dict(backbone)
-    if model.head is not None:
-        model.head.load_state_dict({k.removeprefix("deploy_head."): v for k, v in weights.items() if k.startswith("deploy_head.")})
 
 
 def _peak_memory_mb(device: torch.device) -> float:
