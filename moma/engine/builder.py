@@ -151,7 +151,7 @@ def _teacher_class_order(teacher_classes: list[str], classes: list[str]) -> list
 
 def check_resolution(cfg: Config, meta: ModelMetadata, origin: str) -> None:
     """Warn when tiles differ in size or microns per pixel from what a model was trained on."""
-    if meta.mpp and cfg.data.mpp and abs(meta.mpp - cfg.data.mpp) / meta.mpp > 0.1:
+    if meta.mpp_differs(cfg.data.mpp):
         log.warning("%s was trained at %.3g um/px but data.mpp is %.3g um/px: features may not transfer", origin, meta.mpp, cfg.data.mpp)
     if meta.image_size != cfg.data.image_size:
         log.warning("%s was trained on %d px tiles, this run uses %d px", origin, meta.image_size, cfg.data.image_size)

@@ -24,6 +24,7 @@ from moma.utils.io import atomic_path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "moma"
+MPP_TOLERANCE = 0.1  # relative difference in microns per pixel that is worth a warning
 
 
 def versions() -> dict[str, str]:
@@ -58,6 +59,10 @@ class ModelMetadata:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def mpp_differs(self, mpp: float | None) -> bool:
+        """True when both resolutions are known and ``mpp`` is more than 10% off the model's."""
+        return bool(self.mpp and mpp and abs(self.mpp - mpp) / self.mpp > MPP_TOLERANCE)
 
     @classmethod
     def from_dict(cls, data: dict, origin: str) -> "ModelMetadata":

@@ -43,7 +43,7 @@ def eval_transform(meta: ModelMetadata):
 
 
 def _check_data_resolution(meta: ModelMetadata, mpp: float | None) -> None:
-    if meta.mpp and mpp and abs(meta.mpp - mpp) / meta.mpp > 0.1:
+    if meta.mpp_differs(mpp):
         log.warning("the model was trained at %.3g um/px but the data is %.3g um/px: expect worse results", meta.mpp, mpp)
 
 
