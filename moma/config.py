@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moma.errors import ConfigError
+from moma.utils.validation import validation_message
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -152,16 +153,6 @@ class Config(Section):
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
 
 
-def _format_validation_error(error: ValidationError, origin: str) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown config key '{key}' (check its spelling; `moma config` prints every key)"
-    value = first.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"{origin}: config key '{key}': {first['msg']}{shown}"
-
-
 def parse_override(text: str) -> tuple[list[str], Any]:
     """Split ``a.b=value`` into (["a", "b"], value) with the value parsed as YAML."""
     if "=" not in text:
@@ -211,7 +202,8 @@ def build_config(tree: dict[str, Any], origin: str = "config") -> Config:
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, origin)) from None
+        hint = "check its spelling; `moma config` prints every key"
+        raise ConfigError(f"{origin}: {validation_message(exc, hint)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

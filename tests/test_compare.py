@@ -322,7 +322,7 @@ def base_tree(source="data") -> dict:
     ({"teachers": {"t": {"data": {"sorce": "x"}}}}, "teachers.t: unknown config key 'data.sorce'"),
     ({"base": {"optim": {"lrr": 1}}}, "base: unknown config key 'optim.lrr'"),
     ({"methods": {"kd": {"kl_wieght": 1}}}, "unknown compare key 'methods.kd.kl_wieght'"),
-    ({"methods": {"kd": {"params": {"nope": 1}}}}, "methods.kd: distill.params.nope: unknown for method 'kd'"),
+    ({"methods": {"kd": {"params": {"nope": 1}}}}, "methods.kd: unknown config key 'distill.params.nope' (method 'kd' takes: none)"),
     ({"methods": ["none", "nosuch"]}, "methods.nosuch: distill.method 'nosuch' is unknown"),
     ({"settings": {"s": {"teacher": "missing"}}}, "settings.s.teacher: 'missing' is not under teachers"),
     ({"settings": {"s": {"teacher": "t", "run": {"seed": 3}}}}, "settings.s.run.seed is set by the grid; use 'seeds'"),

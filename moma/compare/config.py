@@ -36,6 +36,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moma.config import apply_override, build_config, parse_override, read_yaml
 from moma.errors import ConfigError
+from moma.utils.validation import validation_message
 
 SECTIONS = ("run", "data", "augment", "model", "optim", "train", "distill")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -202,20 +203,6 @@ def deep_merge(target: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
-def _format_error(error: ValidationError, origin: str) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown compare key '{key}' (check its spelling)"
-    if first["type"] == "missing":
-        return f"{origin}: compare key '{key}' is required"
-    message = first["msg"].removeprefix("Value error, ")
-    value = first.get("input")
-    shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and first["loc"] else ""
-    where = f"compare key '{key}': " if first["loc"] else ""
-    return f"{origin}: {where}{message}{shown}"
-
-
 def _check_grid_keys(tree: dict[str, Any], where: str, origin: str) -> None:
     for (section, key), instead in GRID_KEYS.items():
         if key in (tree.get(section) or {}):
@@ -252,7 +239,7 @@ def build_compare_config(tree: dict[str, Any], origin: str = "compare config") -
     try:
         cfg = CompareConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, origin)) from None
+        raise ConfigError(f"{origin}: {validation_message(exc, noun='compare key')}") from None
     _check_training_configs(cfg, origin)
     return cfg
 

@@ -24,6 +24,7 @@ from torch import nn
 
 from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
+from moma.utils.validation import validation_message
 
 
 class MethodParams(BaseModel):
@@ -88,12 +89,9 @@ class DistillMethod(nn.Module):
         try:
             return cls.Params.model_validate(raw or {})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            if first["type"] == "extra_forbidden":
-                known = ", ".join(cls.Params.model_fields) or "none"
-                raise ConfigError(f"distill.params.{key}: unknown for method '{cls.name}' (its parameters: {known})") from None
-            raise ConfigError(f"distill.params.{key}: {first['msg']} (got {first.get('input')!r})") from None
+            known = ", ".join(cls.Params.model_fields) or "none"
+            hint = f"method '{cls.name}' takes: {known}"
+            raise ConfigError(validation_message(exc, hint, key_prefix="distill.params.")) from None
 
     def forward(self, student: TapOutputs, teacher: TapOutputs | None, batch: Batch) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of this step."""
