@@ -18,6 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moma.errors import ConfigError
+from moma.metrics import METRICS
 from moma.utils.validation import validation_message
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -110,7 +111,7 @@ class TrainConfig(Section):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
-    select_metric: Literal["accuracy", "macro_f1", "kappa", "balanced_accuracy"] = "macro_f1"
+    select_metric: Literal[METRICS] = Field("macro_f1", description="validation metric that picks the best epoch")
     progress: bool = True
     profile: bool = False
     tensorboard: bool = True

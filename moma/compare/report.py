@@ -21,7 +21,6 @@ from moma.compare.results import COST_COLUMNS  # noqa: E402
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, STATUSES, failure_rows  # noqa: E402
 from moma.config import build_config  # noqa: E402
 from moma.compare.stats import (  # noqa: E402
-    METRICS,
     add_ranks,
     average_ranks,
     compare_with_baseline,
@@ -30,9 +29,9 @@ from moma.compare.stats import (  # noqa: E402
 )
 from moma.engine.layout import TEST_BEST_TAG, report_file  # noqa: E402
 from moma.engine.plots import plot_confusion  # noqa: E402
+from moma.metrics import METRIC_LABELS, METRICS  # noqa: E402
 from moma.utils.io import atomic_path, atomic_write_text  # noqa: E402
 
-LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "kappa": "kappa", "qwk": "QWK", "auc": "AUC"}
 TABLE_METRICS = ("accuracy", "macro_f1", "kappa")
 RANK_BY = "macro_f1_mean"
 PAIRED_COLUMNS = ["best_macro_f1", "best_accuracy"]
@@ -99,7 +98,7 @@ def metrics_table(results: pd.DataFrame, ranked: pd.DataFrame, setting: str) -> 
         cells = [(_mean_std(row[f"{m}_mean"], row[f"{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
         rank = "—" if not np.isfinite(row["rank"]) else f"{row['rank']:g}"
         rows.append([(row["method"], False), (runs, False)] + cells + [(rank, rank_flags[i])])
-    headers = ["method", "runs"] + [LABELS[m] for m in TABLE_METRICS] + ["rank (macro F1)"]
+    headers = ["method", "runs"] + [METRIC_LABELS[m] for m in TABLE_METRICS] + ["rank (macro F1)"]
     return Table(headers, rows, notes=notes)
 
 
@@ -165,7 +164,7 @@ def external_table(summary: pd.DataFrame, setting: str) -> Table:
     flags = {m: _best_flags(part[f"ext_{m}_mean"]) for m in TABLE_METRICS}
     rows = [[(r["method"], False)] + [(_mean_std(r[f"ext_{m}_mean"], r[f"ext_{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
             for i, r in part.iterrows()]
-    return Table(["method"] + [LABELS[m] for m in TABLE_METRICS], rows)
+    return Table(["method"] + [METRIC_LABELS[m] for m in TABLE_METRICS], rows)
 
 
 def failure_table(results: pd.DataFrame) -> Table:
@@ -234,7 +233,7 @@ def plot_bars(summary: pd.DataFrame, settings: list[str], methods: list[str], pa
             if row == 0:
                 ax.set_title(setting)
             if col == 0:
-                ax.set_ylabel(f"test {LABELS[metric]} (mean ± std)")
+                ax.set_ylabel(f"test {METRIC_LABELS[metric]} (mean ± std)")
     fig.tight_layout()
     _save(fig, path)
 

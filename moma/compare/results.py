@@ -11,9 +11,9 @@ import pandas as pd
 
 from moma.compare.config import CompareConfig
 from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
-from moma.compare.stats import METRICS
 from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
 from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
+from moma.metrics import METRICS
 
 COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
                 "peak_memory_mb", "extra_parameters"]

@@ -19,7 +19,6 @@ from scipy import stats as scipy_stats
 
 from moma.compare.status import DONE, NOT_APPLICABLE
 
-METRICS = ("accuracy", "macro_f1", "kappa", "qwk", "auc")
 PAIR_KEYS = ["fold", "seed"]
 
 

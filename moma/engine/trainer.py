@@ -394,8 +394,10 @@ class Trainer:
             val = self.validate()
             row = self._log_epoch(epoch, time.perf_counter() - start, train, val)
             score = val[self.cfg.train.select_metric]
-            if score > self.state.best_score:
-                self.state.best_score, self.state.best_epoch = score, epoch + 1
+            # AUC is NaN on a validation split of one class: such an epoch ranks lowest, but some epoch is best.
+            rank = score if math.isfinite(score) else -math.inf
+            if rank > self.state.best_score or self.state.best_epoch == 0:
+                self.state.best_score, self.state.best_epoch = rank, epoch + 1
                 if self.dist.is_main:  # only rank 0 writes checkpoints and the training state
                     self.best_weights = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
                     save_model_checkpoint(self.run_dir / BEST_NAME, self.best_weights, self.metadata(epoch + 1, val))
