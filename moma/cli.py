@@ -36,6 +36,9 @@ SHORTCUTS = {
     "method": "distill.method",
     "teacher": "distill.teacher",
 }
+# Shortcuts that may change when a run is resumed: how long it trains and where it runs. The others
+# change what the saved state was computed with (or name another run folder) and are refused.
+RESUME_SHORTCUTS = ("epochs", "device")
 
 
 class TqdmHandler(logging.Handler):
@@ -68,16 +71,40 @@ def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fa
                        help="log per epoch the share of step time spent waiting for data (= --set train.profile=true)")
 
 
-def _config_from_args(args) -> "Config":  # noqa: F821
-    from moma.config import load_config
-
+def _shortcut_overrides(args) -> list[str]:
+    """The ``key=value`` overrides the shortcut flags given stand for."""
     overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in SHORTCUTS.items()
                  if getattr(args, f"short_{flag}", None) is not None]
     if getattr(args, "skip_bad", False):
         overrides.append("data.skip_bad=true")
     if getattr(args, "profile", False):
         overrides.append("train.profile=true")
-    return load_config(args.config, overrides + args.overrides)
+    return overrides
+
+
+def _config_from_args(args) -> "Config":  # noqa: F821
+    from moma.config import load_config
+
+    return load_config(args.config, _shortcut_overrides(args) + args.overrides)
+
+
+def _resume_config(args) -> "Config":  # noqa: F821
+    """The run folder's own config, with the shortcuts that make sense on resume applied."""
+    from moma.config import load_config
+    from moma.engine.layout import CONFIG_NAME
+
+    run_dir = Path(args.resume)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no {CONFIG_NAME})")
+    refused = [f"--{flag.replace('_', '-')}" for flag in SHORTCUTS
+               if flag not in RESUME_SHORTCUTS and getattr(args, f"short_{flag}", None) is not None]
+    if args.config is not None:
+        refused.insert(0, f"config file {args.config}")
+    if refused:
+        allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_SHORTCUTS)
+        raise ConfigError(f"--resume continues {run_dir} with its own {CONFIG_NAME}; {', '.join(refused)} cannot change "
+                          f"on resume (allowed: {allowed}, --profile, --skip-bad, --set KEY=VALUE)")
+    return load_config(run_dir / CONFIG_NAME, _shortcut_overrides(args) + args.overrides)
 
 
 def _print_results(results: dict) -> None:
@@ -98,16 +125,10 @@ def _print_results(results: dict) -> None:
 
 
 def cmd_train(args, distill: bool = False) -> int:
-    from moma.config import load_config
-    from moma.engine.layout import CONFIG_NAME
     from moma.engine.trainer import run_training
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / CONFIG_NAME).is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run folder (no {CONFIG_NAME})")
-        cfg = load_config(run_dir / CONFIG_NAME, args.overrides + (["train.profile=true"] if args.profile else []))
-        results = run_training(cfg, resume_dir=run_dir)
+        results = run_training(_resume_config(args), resume_dir=Path(args.resume))
     else:
         cfg = _config_from_args(args)
         if not distill and cfg.distill.method != "none":

@@ -53,13 +53,19 @@ def toy_registered(monkeypatch):
     return ToyCosine
 
 
+def run_cli(*argv: str) -> int:
+    """A CLI command in this process (so it sees the toy), without the CLI's logging setup."""
+    args = cli.build_parser().parse_args(list(argv))
+    return args.func(args)
+
+
 def test_the_cli_lists_a_new_method_with_its_defaults(toy_registered, capsys):
-    assert cli.main(["methods", "--defaults"]) == 0
+    assert run_cli("methods", "--defaults") == 0
     listed = capsys.readouterr().out
     assert re.search(r"^toy +toy: cosine distance between projected student and teacher embeddings$", listed, re.M)
     assert "ref: a test of the extension points" in listed
     assert "defaults: ce=1, kl=0; beta=2.0; needs: any teacher" in listed
-    assert cli.main(["methods", "--markdown"]) == 0
+    assert run_cli("methods", "--markdown") == 0
     rows = capsys.readouterr().out.splitlines()
     assert ("| `toy` | toy: cosine distance between projected student and teacher embeddings | a test of the "
             "extension points | ce=1, kl=0; beta=2.0; needs: any teacher |") in rows
