@@ -193,7 +193,10 @@ def cmd_methods(args) -> int:
 
 
 def cmd_config(args) -> int:
+    from moma.engine.builder import resolve_method
+
     cfg = _config_from_args(args)
+    resolve_method(cfg)  # distill.method and distill.params are checked as a run would
     print(cfg.to_yaml(), end="")
     return 0
 

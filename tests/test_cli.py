@@ -105,3 +105,11 @@ def test_resume_honours_the_flags_that_make_sense_and_refuses_the_others(tile_fo
     assert run_in_process("train", "--resume", run, "--epochs", "2", "--device", "cpu", "--profile") == 0
     assert pd.read_csv(f"{run}/summary.csv")["epoch"].tolist() == [1, 2]  # --epochs extended the run
     assert "best epoch" in capsys.readouterr().out
+
+
+def test_config_checks_the_methods_parameters():
+    result = moma("config", "--method", "moma", "--set", "distill.params.queue_sise=64")
+    assert_one_line_error(result, "unknown config key 'distill.params.queue_sise' (method 'moma' takes: momentum,")
+    assert_one_line_error(moma("config", "--method", "kdd"), "distill.method 'kdd' is unknown")
+    shown = moma("config", "--method", "moma", "--set", "distill.params.queue_size=64")
+    assert shown.returncode == 0 and "queue_size: 64" in shown.stdout
