@@ -142,7 +142,7 @@ class Ours:
             "optim": {"batch_size": args.batch_size, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
                       "scheduler": "constant"},
             "train": {"amp": "off", "channels_last": False},
-            "distill": {"method": method, "teacher": str(checkpoint), "student_init": "scratch", "temperature": 4.0,
+            "distill": {"method": method, "teacher": str(checkpoint), "student_init": "scratch", "kl_temperature": 4.0,
                         "params": params},
         })
         before = determinism_flags()

@@ -128,7 +128,8 @@ class DistillConfig(Section):
     )
     ce_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
     kl_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
-    temperature: float = Field(4.0, gt=0.0)
+    kl_temperature: float = Field(4.0, gt=0.0, description="T of the shared KL term to the teacher's softened logits "
+                                  "(a method's own temperature, e.g. DKD's, is under params)")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters")
 
 
@@ -199,7 +200,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys that were renamed: the old name is an error that says the new one (not "check its spelling").
+RENAMED_KEYS = {("distill", "temperature"): "distill.kl_temperature (the shared KL term's T; a method's own "
+                                            "temperature is under distill.params)"}
+
+
+def check_renamed_keys(tree: dict[str, Any], origin: str) -> None:
+    for (section, key), instead in RENAMED_KEYS.items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise ConfigError(f"{origin}: config key '{section}.{key}' is now {instead}")
+
+
 def build_config(tree: dict[str, Any], origin: str = "config") -> Config:
+    check_renamed_keys(tree, origin)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:

@@ -344,11 +344,11 @@ def test_config_errors_name_the_key_in_one_line(tmp_path, change, fragment):
 
 def test_config_forms_and_overrides(tmp_path):
     tree = base_tree()
-    tree["methods"] = {"none": None, "kd": {"kl_weight": 0.5}, "kd_t2": {"method": "kd", "temperature": 2}}
+    tree["methods"] = {"none": None, "kd": {"kl_weight": 0.5}, "kd_t2": {"method": "kd", "kl_temperature": 2}}
     cfg = _load(tmp_path, tree, ["seeds=[0, 1]", "base.optim.epochs=3", "methods.kd.ce_weight=0.2", "folds=3"])
     assert cfg.seeds == [0, 1] and cfg.folds == 3 and cfg.base["optim"]["epochs"] == 3
     assert cfg.methods["kd"].distill_overrides() == {"ce_weight": 0.2, "kl_weight": 0.5}
-    assert cfg.registered_name("kd_t2") == "kd" and cfg.methods["kd_t2"].distill_overrides() == {"temperature": 2}
+    assert cfg.registered_name("kd_t2") == "kd" and cfg.methods["kd_t2"].distill_overrides() == {"kl_temperature": 2}
     listed = _load(tmp_path, base_tree(), ["methods.none.kl_weight=0"])  # a list in YAML takes dotted keys too
     assert listed.methods["none"].kl_weight == 0
     subset = _load(tmp_path, base_tree(), ["settings.s.methods=[kd]"])
@@ -495,3 +495,12 @@ def test_summary_mean_std_and_counts():
     assert table.loc["kd", "best_macro_f1_std"] == pytest.approx(expected.std(ddof=1))
     assert table.loc["fit", "n"] == 1 and math.isnan(table.loc["fit", "best_macro_f1_std"])
 
+
+
+def test_a_method_entry_temperature_is_refused_with_the_new_names(tmp_path):
+    tree = yaml.safe_load((ROOT / "configs" / "compare" / "smoke.yaml").read_text())
+    tree["methods"] = {"none": None, "moma": {"temperature": 0.2}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"methods.moma.*'temperature' is now 'kl_temperature'.*under params"):
+        load_compare_config(path)

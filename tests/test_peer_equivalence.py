@@ -133,7 +133,7 @@ def test_kd_task_matches_timm_logit_distillation_task():
                                    distill_loss_weight=0.9, temperature=4.0, verbose=False).train()
     method = KD(KD.parse_params({}), embedding_context(8, 8))
     ours = DistillationTask(FeatureTap(student), FeatureTap(teacher), method, ce_weight=KD.default_ce_weight,
-                            kl_weight=KD.default_kl_weight, temperature=4.0).train()
+                            kl_weight=KD.default_kl_weight, kl_temperature=4.0).train()
     assert ours.loss_weights() == {"ce": 0.1, "kl": 0.9}
 
     out_ours = ours(Batch(images, target, torch.arange(6)))

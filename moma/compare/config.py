@@ -10,7 +10,7 @@
       imagenet: {checkpoint: weights/effnet_b0.safetensors}
     settings:                         # transfer settings: a teacher and a target data set
       relevant: {teacher: lung, data: {source: data/demo/glas_colon}}
-    methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, temperature}
+    methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, kl_temperature}
     folds: 2                          # grouped k-fold on the target's patients
     seeds: [0]
 
@@ -109,11 +109,19 @@ class MethodSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     ce_weight: float | None = Field(None, ge=0.0)
     kl_weight: float | None = Field(None, ge=0.0)
-    temperature: float | None = Field(None, gt=0.0)
+    kl_temperature: float | None = Field(None, gt=0.0, description="T of the shared KL term")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_temperature(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "temperature" in value:
+            raise ValueError("'temperature' is now 'kl_temperature' (the shared KL term's T); a method's own "
+                             "temperature goes under params (e.g. dkd: params.temperature)")
+        return value
 
     def distill_overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {"params": self.params} if self.params else {}
-        for key in ("ce_weight", "kl_weight", "temperature"):
+        for key in ("ce_weight", "kl_weight", "kl_temperature"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out

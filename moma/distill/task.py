@@ -49,7 +49,7 @@ class DistillationTask(nn.Module):
         method: DistillMethod,
         ce_weight: float,
         kl_weight: float,
-        temperature: float = 4.0,
+        kl_temperature: float = 4.0,
         label_smoothing: float = 0.0,
         teacher_input: InputAdapter | None = None,
         teacher_class_order: list[int] | None = None,
@@ -60,7 +60,7 @@ class DistillationTask(nn.Module):
         self.method = method
         self.ce_weight = ce_weight
         self.kl_weight = kl_weight
-        self.temperature = temperature
+        self.kl_temperature = kl_temperature
         self.label_smoothing = label_smoothing
         self.teacher_input = teacher_input or nn.Identity()
         # Teacher logit columns reordered to the student's class order (same classes, other order).
@@ -100,7 +100,7 @@ class DistillationTask(nn.Module):
         if self.ce_weight:
             terms["ce"] = F.cross_entropy(logits.float(), batch.target, label_smoothing=self.label_smoothing)
         if self.kl_weight and teacher_out is not None:
-            terms["kl"] = kd_loss(student_out.logits, teacher_out.logits, self.temperature)
+            terms["kl"] = kd_loss(student_out.logits, teacher_out.logits, self.kl_temperature)
         weights = self.loss_weights()
         loss = sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0))
         if not isinstance(loss, torch.Tensor):  # every weight is zero: still a graph to back-propagate

@@ -237,7 +237,7 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         if not adapter.identity:
             log.info("teacher was trained with other normalisation statistics: its input is re-normalised")
     task = DistillationTask(
-        student, teacher_tap, method, ce_weight=ce_weight, kl_weight=kl_weight, temperature=cfg.distill.temperature,
+        student, teacher_tap, method, ce_weight=ce_weight, kl_weight=kl_weight, kl_temperature=cfg.distill.kl_temperature,
         label_smoothing=cfg.optim.label_smoothing, teacher_input=adapter,
         teacher_class_order=class_order,
     ).to(device)
