@@ -125,7 +125,8 @@ class Ours:
         from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
         from moma.engine.device import configure_determinism
         from moma.engine.distributed import DistInfo
-        from moma.engine.trainer import Trainer, build_optimizer
+        from moma.engine.schedule import build_optimizer
+        from moma.engine.trainer import Trainer
         from moma.models.backbone import create_backbone
 
         teacher = create_backbone(teacher_arch, len(CLASSES))

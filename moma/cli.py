@@ -125,7 +125,7 @@ def _print_results(results: dict) -> None:
 
 
 def cmd_train(args, distill: bool = False) -> int:
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
 
     if args.resume:
         results = run_training(_resume_config(args), resume_dir=Path(args.resume))

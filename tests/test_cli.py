@@ -95,7 +95,7 @@ def run_in_process(*argv):
 def test_resume_honours_the_flags_that_make_sense_and_refuses_the_others(tile_folder, make_config, capsys):
     import pandas as pd
 
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
     from moma.errors import ConfigError
 
     run = run_training(make_config(tile_folder, optim={"epochs": 1}))["run_dir"]

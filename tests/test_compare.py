@@ -65,7 +65,7 @@ def write_yaml(path: Path, tree: dict) -> Path:
 def counting(monkeypatch, fail_on_cell: int | None = None, replacement=None) -> list[Path]:
     """Record the run folder of every run_training call; optionally raise KeyboardInterrupt at the
     n-th cell (teachers do not count) or train with ``replacement`` instead."""
-    import moma.engine.trainer as trainer
+    import moma.engine.runs as trainer
 
     real = trainer.run_training
     calls: list[Path] = []
@@ -282,7 +282,7 @@ def test_fresh_starts_a_new_folder_and_never_overwrites(tmp_path):
 
 
 def test_cell_folders_are_skipped_resumed_or_restarted(tmp_path, monkeypatch):
-    import moma.engine.trainer as trainer
+    import moma.engine.runs as trainer
 
     seen = []
     monkeypatch.setattr(trainer, "run_training", lambda cfg, resume_dir=None, run_dir=None: seen.append((resume_dir, run_dir)))

@@ -245,7 +245,7 @@ def test_torchrun_moma_run_gathers_keys_syncs_weights_and_resumes_in_one_process
     assert state["world_size"] == 2 and not any(".module." in k for k in state["task"])
 
     from moma.config import load_config
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
 
     cfg = load_config(run_dir / "config.yaml", ["optim.epochs=2"])
     results = run_training(cfg, resume_dir=run_dir)  # this process: one rank

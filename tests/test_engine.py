@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file
 
 from moma.engine import trainer as trainer_module
-from moma.engine.trainer import run_training
+from moma.engine.runs import run_training
 from moma.errors import CheckpointError, ConfigError
 
 

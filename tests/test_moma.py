@@ -12,7 +12,7 @@ from moma.distill.moma import batchnorm_mode
 from moma.engine import trainer as trainer_module
 from moma.engine.builder import build_task
 from moma.engine.state import load_training_state
-from moma.engine.trainer import run_training
+from moma.engine.runs import run_training
 from moma.errors import ConfigError
 from conftest import write_teacher as save_teacher
 

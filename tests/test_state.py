@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from moma.engine.state import load_training_state, rng_state, save_training_state, set_rng_state
-from moma.engine.trainer import run_training
+from moma.engine.runs import run_training
 from moma.errors import CheckpointError
 
 

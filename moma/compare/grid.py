@@ -170,7 +170,7 @@ def train_or_resume(cfg: Config, run_dir: Path, keep_state: bool = True) -> str:
     """Train into ``run_dir`` unless finished; continue it if interrupted. Returns what was done.
     Without ``keep_state`` the training state and the last-epoch weights of a run that finishes
     here are deleted (its metrics are in metrics.json; best.safetensors stays)."""
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
 
     if (run_dir / METRICS_NAME).is_file():
         return "skipped"

@@ -14,8 +14,10 @@ is refused with a one-line message that names it and says what is wrong.
 
 from __future__ import annotations
 
+import math
 import pickle
 import random
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,37 @@ STATE_VERSION = 2
 REQUIRED_KEYS = ("epoch", "world_size", "task", "optimizer", "scheduler", "scaler", "rng", "best_score", "best_epoch",
                  "history", "times", "best_weights")
 PLAIN_TYPES = (str, int, float, bool, type(None), torch.Tensor)
+
+
+@dataclass
+class StepTimes:
+    """Wall-clock seconds per step, split into data wait, compute and the method's extras."""
+
+    data: float = 0.0
+    compute: float = 0.0
+    extras: float = 0.0
+    steps: int = 0
+    images: int = 0
+
+    def as_dict(self) -> dict[str, float]:
+        n = max(self.steps, 1)
+        total = self.data + self.compute
+        return {
+            "data_wait_ms": 1000 * self.data / n,
+            "forward_backward_ms": 1000 * (self.compute - self.extras) / n,
+            "distill_extras_ms": 1000 * self.extras / n,
+            "data_wait_share": self.data / total if total else 0.0,
+            "images_per_second": self.images / total if total else 0.0,
+        }
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # epochs completed
+    best_score: float = -math.inf
+    best_epoch: int = 0
+    history: list[dict] = field(default_factory=list)
+    times: StepTimes = field(default_factory=StepTimes)
 
 
 def rng_state() -> dict[str, Any]:
