@@ -130,10 +130,3 @@ class DistillMethod(nn.Module):
     def extra_parameters(self) -> int:
         """Trainable parameters the method adds beyond the student (connectors, heads)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.summary}"
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -380,9 +380,9 @@ class Trainer:
         model = copy.deepcopy(self.task.inference_model())
         for tag, weights in (("best", self.best_weights), ("last", last_state)):
             model.load_deploy_state_dict(weights)
-            results[tag] = {"val": summary(self._evaluate_split(model, "val", tag)[0])}
+            results[tag] = {"val": summary(self._evaluate_split(model, "val")[0])}
             if self.data.test is not None:
-                metrics, probs = self._evaluate_split(model, "test", tag)
+                metrics, probs = self._evaluate_split(model, "test")
                 write_report(self.run_dir, f"test_{tag}", metrics, self.data.test, probs,
                              title=f"test, {tag} model (epoch {self.state.best_epoch if tag == 'best' else self.state.epoch})")
                 results[tag]["test"] = metrics
@@ -397,7 +397,7 @@ class Trainer:
         plot_curves(pd.DataFrame(self.state.history), self.run_dir / CURVES_NAME, self.cfg.train.select_metric)
         return results
 
-    def _evaluate_split(self, model, split: str, tag: str):
+    def _evaluate_split(self, model, split: str):
         dataset = self.data.val if split == "val" else self.data.test
         return evaluate(model, dataset, self.device, batch_size=max(64, self.cfg.optim.batch_size),
                         amp_dtype=self.amp_dtype, channels_last=self.channels_last)
