@@ -107,3 +107,12 @@ def test_the_state_is_plain_and_restores_every_generator(tmp_path):
         import datetime
 
         save_training_state(tmp_path / "t.pt", {"history": [{"when": datetime.datetime.now()}]})
+
+
+def test_a_state_of_another_model_is_one_line_naming_the_file(tmp_path):
+    from moma.engine.state import load_matching
+
+    with pytest.raises(CheckpointError, match=r"s.pt does not fit this run's model \(missing bias; unexpected extra"):
+        load_matching(torch.nn.Linear(2, 1), {"weight": torch.zeros(1, 2), "extra": torch.zeros(1)}, tmp_path / "s.pt")
+    with pytest.raises(CheckpointError, match=r"s.pt does not fit this run's model \(size mismatch for weight"):
+        load_matching(torch.nn.Linear(2, 1), {"weight": torch.zeros(3, 2), "bias": torch.zeros(1)}, tmp_path / "s.pt")

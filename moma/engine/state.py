@@ -147,17 +147,15 @@ def check_state(state: Any, path: Path) -> dict[str, Any]:
 
 def load_matching(module: torch.nn.Module, state: dict[str, torch.Tensor], path: Path) -> None:
     """``module.load_state_dict(state)``, with a mismatch reported in one line that names the file."""
-    try:
-        module.load_state_dict(state)
-    except RuntimeError as exc:
-        missing, unexpected = _key_differences(module, state)
-        detail = "; ".join(part for part in (f"missing {', '.join(missing[:3])}" if missing else "",
-                                             f"unexpected {', '.join(unexpected[:3])}" if unexpected else "") if part)
-        first = str(exc).strip().splitlines()[-1].strip() if not detail else detail
-        raise CheckpointError(f"training state {path} does not fit this run's model ({first}); "
-                              "was the run folder's config.yaml changed?") from None
-
-
-def _key_differences(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     own = set(module.state_dict())
-    return sorted(own - set(state)), sorted(set(state) - own)
+    missing, unexpected = sorted(own - set(state)), sorted(set(state) - own)
+    problem = "; ".join(f"{kind} {', '.join(keys[:3])}" + (" ..." if len(keys) > 3 else "")
+                        for kind, keys in (("missing", missing), ("unexpected", unexpected)) if keys)
+    if not problem:
+        try:
+            module.load_state_dict(state)
+            return
+        except RuntimeError as exc:  # shapes differ: torch lists them, one per line
+            problem = str(exc).strip().splitlines()[-1].strip()
+    raise CheckpointError(f"training state {path} does not fit this run's model ({problem}); was the run "
+                          "folder's config.yaml changed?")
