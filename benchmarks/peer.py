@@ -125,7 +125,8 @@ class Ours:
         from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
         from moma.engine.device import configure_determinism
         from moma.engine.distributed import DistInfo
-        from moma.engine.trainer import Trainer, build_optimizer
+        from moma.engine.schedule import build_optimizer
+        from moma.engine.trainer import Trainer
         from moma.models.backbone import create_backbone
 
         teacher = create_backbone(teacher_arch, len(CLASSES))
@@ -142,7 +143,7 @@ class Ours:
             "optim": {"batch_size": args.batch_size, "lr": 0.01, "momentum": 0.9, "weight_decay": 1e-4,
                       "scheduler": "constant"},
             "train": {"amp": "off", "channels_last": False},
-            "distill": {"method": method, "teacher": str(checkpoint), "student_init": "scratch", "temperature": 4.0,
+            "distill": {"method": method, "teacher": str(checkpoint), "student_init": "scratch", "kl_temperature": 4.0,
                         "params": params},
         })
         before = determinism_flags()

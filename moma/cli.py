@@ -36,6 +36,9 @@ SHORTCUTS = {
     "method": "distill.method",
     "teacher": "distill.teacher",
 }
+# Shortcuts that may change when a run is resumed: how long it trains and where it runs. The others
+# change what the saved state was computed with (or name another run folder) and are refused.
+RESUME_SHORTCUTS = ("epochs", "device")
 
 
 class TqdmHandler(logging.Handler):
@@ -68,19 +71,45 @@ def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fa
                        help="log per epoch the share of step time spent waiting for data (= --set train.profile=true)")
 
 
-def _config_from_args(args) -> "Config":  # noqa: F821
-    from moma.config import load_config
-
+def _shortcut_overrides(args) -> list[str]:
+    """The ``key=value`` overrides the shortcut flags given stand for."""
     overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in SHORTCUTS.items()
                  if getattr(args, f"short_{flag}", None) is not None]
     if getattr(args, "skip_bad", False):
         overrides.append("data.skip_bad=true")
     if getattr(args, "profile", False):
         overrides.append("train.profile=true")
-    return load_config(args.config, overrides + args.overrides)
+    return overrides
+
+
+def _config_from_args(args) -> "Config":  # noqa: F821
+    from moma.config import load_config
+
+    return load_config(args.config, _shortcut_overrides(args) + args.overrides)
+
+
+def _resume_config(args) -> "Config":  # noqa: F821
+    """The run folder's own config, with the shortcuts that make sense on resume applied."""
+    from moma.config import load_config
+    from moma.engine.layout import CONFIG_NAME
+
+    run_dir = Path(args.resume)
+    if not (run_dir / CONFIG_NAME).is_file():
+        raise ConfigError(f"--resume {run_dir}: not a run folder (no {CONFIG_NAME})")
+    refused = [f"--{flag.replace('_', '-')}" for flag in SHORTCUTS
+               if flag not in RESUME_SHORTCUTS and getattr(args, f"short_{flag}", None) is not None]
+    if args.config is not None:
+        refused.insert(0, f"config file {args.config}")
+    if refused:
+        allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_SHORTCUTS)
+        raise ConfigError(f"--resume continues {run_dir} with its own {CONFIG_NAME}; {', '.join(refused)} cannot change "
+                          f"on resume (allowed: {allowed}, --profile, --skip-bad, --set KEY=VALUE)")
+    return load_config(run_dir / CONFIG_NAME, _shortcut_overrides(args) + args.overrides)
 
 
 def _print_results(results: dict) -> None:
+    from moma.engine.layout import CURVES_NAME, METRICS_NAME, TEST_BEST_TAG, report_file
+
     run_dir = Path(results["run_dir"])
     lines = [f"run folder: {run_dir}", f"best epoch (by val {results['select_metric']}): {results['best_epoch']}"]
     for tag in ("best", "last"):
@@ -90,21 +119,16 @@ def _print_results(results: dict) -> None:
                          f"kappa {test['kappa']:.4f}  QWK {test['qwk']:.4f}  AUC {test['auc']:.4f}")
     if results.get("skipped_tiles"):
         lines.append(f"skipped {results['skipped_tiles']} unreadable tile(s) (see train.log)")
-    lines += [f"metrics: {run_dir / 'metrics.json'}", f"confusion matrix: {run_dir / 'confusion_test_best.png'}",
-              f"curves: {run_dir / 'curves.png'}"]
+    lines += [f"metrics: {run_dir / METRICS_NAME}", f"confusion matrix: {run_dir / report_file('confusion_png', TEST_BEST_TAG)}",
+              f"curves: {run_dir / CURVES_NAME}"]
     print("\n".join(lines))
 
 
 def cmd_train(args, distill: bool = False) -> int:
-    from moma.config import load_config
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
 
     if args.resume:
-        run_dir = Path(args.resume)
-        if not (run_dir / "config.yaml").is_file():
-            raise ConfigError(f"--resume {run_dir}: not a run folder (no config.yaml)")
-        cfg = load_config(run_dir / "config.yaml", args.overrides + (["train.profile=true"] if args.profile else []))
-        results = run_training(cfg, resume_dir=run_dir)
+        results = run_training(_resume_config(args), resume_dir=Path(args.resume))
     else:
         cfg = _config_from_args(args)
         if not distill and cfg.distill.method != "none":
@@ -151,35 +175,28 @@ def cmd_info(args) -> int:
     return 0
 
 
-def _method_defaults(cls) -> str:
-    params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
-    weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
-    needs = "same classes as the teacher" if cls.logit_based else "any teacher" if cls.requires_teacher else "no teacher"
-    if getattr(cls, "requires_same_architecture", False):
-        needs += ", same architecture"
-    return f"{weights}; {params or 'no parameters'}; needs: {needs}"
-
-
 def cmd_methods(args) -> int:
     from moma.distill import all_methods
+    from moma.distill.registry import method_defaults, methods_markdown
 
     methods = all_methods()
     if args.markdown:
-        print("| method | what it does | reference | defaults |\n|---|---|---|---|")
-        for name, cls in methods.items():
-            print(f"| `{name}` | {cls.summary} | {cls.reference} | {_method_defaults(cls)} |")
+        print(methods_markdown(methods))
         return 0
     width = max(len(name) for name in methods)
     for name, cls in methods.items():
         print(f"{name:<{width}}  {cls.summary}")
         print(f"{'':<{width}}  ref: {cls.reference}")
         if args.defaults:
-            print(f"{'':<{width}}  defaults: {_method_defaults(cls)}")
+            print(f"{'':<{width}}  defaults: {method_defaults(cls)}")
     return 0
 
 
 def cmd_config(args) -> int:
+    from moma.engine.builder import resolve_method
+
     cfg = _config_from_args(args)
+    resolve_method(cfg)  # distill.method and distill.params are checked as a run would
     print(cfg.to_yaml(), end="")
     return 0
 

@@ -18,6 +18,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moma.errors import ConfigError
+from moma.metrics import METRICS
+from moma.utils.validation import validation_message
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -129,7 +131,7 @@ class TrainConfig(Section):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
-    select_metric: Literal["accuracy", "macro_f1", "kappa", "balanced_accuracy"] = "macro_f1"
+    select_metric: Literal[METRICS] = Field("macro_f1", description="validation metric that picks the best epoch")
     progress: bool = True
     profile: bool = False
     tensorboard: bool = True
@@ -146,7 +148,8 @@ class DistillConfig(Section):
     )
     ce_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
     kl_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
-    temperature: float = Field(4.0, gt=0.0)
+    kl_temperature: float = Field(4.0, gt=0.0, description="T of the shared KL term to the teacher's softened logits "
+                                  "(a method's own temperature, e.g. DKD's, is under params)")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters")
 
 
@@ -170,16 +173,6 @@ class Config(Section):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
-
-
-def _format_validation_error(error: ValidationError, origin: str) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown config key '{key}' (check its spelling; `moma config` prints every key)"
-    value = first.get("input")
-    shown = f" (got {value!r})" if not isinstance(value, dict) else ""
-    return f"{origin}: config key '{key}': {first['msg']}{shown}"
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -227,11 +220,24 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+# Keys that were renamed: the old name is an error that says the new one (not "check its spelling").
+RENAMED_KEYS = {("distill", "temperature"): "distill.kl_temperature (the shared KL term's T; a method's own "
+                                            "temperature is under distill.params)"}
+
+
+def check_renamed_keys(tree: dict[str, Any], origin: str) -> None:
+    for (section, key), instead in RENAMED_KEYS.items():
+        if isinstance(tree.get(section), dict) and key in tree[section]:
+            raise ConfigError(f"{origin}: config key '{section}.{key}' is now {instead}")
+
+
 def build_config(tree: dict[str, Any], origin: str = "config") -> Config:
+    check_renamed_keys(tree, origin)
     try:
         return Config.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc, origin)) from None
+        hint = "check its spelling; `moma config` prints every key"
+        raise ConfigError(f"{origin}: {validation_message(exc, hint)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:

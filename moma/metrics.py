@@ -12,7 +12,11 @@ import warnings
 import numpy as np
 from sklearn import metrics as skm
 
-SUMMARY_KEYS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "qwk", "auc")
+# The headline metrics, every one "higher is better": what runs report, what a run may select its
+# best epoch by (train.select_metric) and what the comparison grid tabulates.
+METRICS = ("accuracy", "balanced_accuracy", "macro_f1", "kappa", "qwk", "auc")
+METRIC_LABELS = {"accuracy": "accuracy", "balanced_accuracy": "balanced accuracy", "macro_f1": "macro F1",
+                 "kappa": "kappa", "qwk": "QWK", "auc": "AUC"}
 
 
 def _auc(targets: np.ndarray, probs: np.ndarray, num_classes: int) -> float:
@@ -70,4 +74,4 @@ def _nan_to_zero(value: float) -> float:
 
 def summary(metrics: dict) -> dict[str, float]:
     """The headline scalar metrics only."""
-    return {key: metrics[key] for key in SUMMARY_KEYS if key in metrics}
+    return {key: metrics[key] for key in METRICS if key in metrics}

@@ -14,8 +14,20 @@ from moma.config import Config, build_config
 
 torch.set_num_threads(2)
 
+ROOT = Path(__file__).resolve().parents[1]
+
 # Each class is a colour: the classes are separable, so learning is visible in a few steps.
 CLASS_COLOURS = {"tumour": (200, 60, 90), "stroma": (230, 160, 190), "immune": (70, 60, 170), "fat": (240, 240, 235)}
+
+
+def load_script(name: str):
+    """A script of scripts/ imported as a module (scripts/ is not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def write_teacher(path: Path, class_names, arch: str = "test_resnet", seed: int | None = 0) -> Path:

@@ -56,3 +56,10 @@ def test_foreign_or_corrupt_files_are_clear_errors(tmp_path):
         read_metadata(tmp_path / "junk.safetensors")
     with pytest.raises(CheckpointError, match="not found"):
         read_metadata(tmp_path / "missing.safetensors")
+
+
+def test_resolution_mismatch_is_more_than_ten_percent_of_the_models_mpp():
+    meta = _meta(mpp=0.5)
+    assert not meta.mpp_differs(0.5) and not meta.mpp_differs(0.54) and not meta.mpp_differs(None)
+    assert meta.mpp_differs(0.56) and meta.mpp_differs(0.25)
+    assert not _meta(mpp=None).mpp_differs(0.25)  # unknown: nothing to compare

@@ -83,3 +83,33 @@ def test_train_evaluate_predict_info_end_to_end(tmp_path):
     resumed = moma("train", "--resume", run)
     assert resumed.returncode == 0  # already complete: resuming only re-reports
     assert "best epoch" in resumed.stdout
+
+
+def run_in_process(*argv):
+    from moma import cli
+
+    args = cli.build_parser().parse_args([str(a) for a in argv])
+    return args.func(args)
+
+
+def test_resume_honours_the_flags_that_make_sense_and_refuses_the_others(tile_folder, make_config, capsys):
+    import pandas as pd
+
+    from moma.engine.runs import run_training
+    from moma.errors import ConfigError
+
+    run = run_training(make_config(tile_folder, optim={"epochs": 1}))["run_dir"]
+    for flag, value in (("--arch", "resnet18"), ("--lr", "0.1"), ("--data", tile_folder), ("--name", "other")):
+        with pytest.raises(ConfigError, match=f"{flag} cannot change on resume .allowed: --epochs, --device"):
+            run_in_process("train", "--resume", run, flag, value)
+    assert run_in_process("train", "--resume", run, "--epochs", "2", "--device", "cpu", "--profile") == 0
+    assert pd.read_csv(f"{run}/summary.csv")["epoch"].tolist() == [1, 2]  # --epochs extended the run
+    assert "best epoch" in capsys.readouterr().out
+
+
+def test_config_checks_the_methods_parameters():
+    result = moma("config", "--method", "moma", "--set", "distill.params.queue_sise=64")
+    assert_one_line_error(result, "unknown config key 'distill.params.queue_sise' (method 'moma' takes: momentum,")
+    assert_one_line_error(moma("config", "--method", "kdd"), "distill.method 'kdd' is unknown")
+    shown = moma("config", "--method", "moma", "--set", "distill.params.queue_size=64")
+    assert shown.returncode == 0 and "queue_size: 64" in shown.stdout

@@ -24,7 +24,7 @@ import yaml
 from PIL import Image
 from scipy import stats as scipy_stats
 
-from conftest import make_tile_folder
+from conftest import load_script, make_tile_folder
 from moma.compare import run_compare
 from moma.compare.config import load_compare_config
 from moma.compare.grid import choose_out_dir, config_differences, train_or_resume
@@ -66,7 +66,7 @@ def write_yaml(path: Path, tree: dict) -> Path:
 def counting(monkeypatch, fail_on_cell: int | None = None, replacement=None) -> list[Path]:
     """Record the run folder of every run_training call; optionally raise KeyboardInterrupt at the
     n-th cell (teachers do not count) or train with ``replacement`` instead."""
-    import moma.engine.trainer as trainer
+    import moma.engine.runs as trainer
 
     real = trainer.run_training
     calls: list[Path] = []
@@ -207,9 +207,18 @@ def test_report_html_is_self_contained(finished):
     assert base64.b64decode(embedded[0].split(",", 1)[1])[:8] == b"\x89PNG\r\n\x1a\n"
 
 
+def require_chromium() -> None:
+    """Skip without Chromium, except under CI=true, where .ci/run installs it and its absence fails."""
+    browsers = load_script("screenshot_report")
+    if browsers.find_chromium() is None:
+        missing = f"no Chromium found (looked for {', '.join(browsers.BROWSERS)}); install it: apt-get install chromium"
+        if os.environ.get("CI") == "true":
+            pytest.fail(missing)
+        pytest.skip(missing)
+
+
 def test_screenshot_of_the_report_is_not_blank(finished, tmp_path):
-    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
-        pytest.skip("no Chromium installed (apt-get install chromium) to screenshot the report")
+    require_chromium()
     png = tmp_path / "report.png"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(finished["out"] / "report.html"),
                            str(png), "--height", "1200"], capture_output=True, text=True, timeout=180)
@@ -281,7 +290,7 @@ def test_fresh_starts_a_new_folder_and_never_overwrites(tmp_path):
 
 
 def test_cell_folders_are_skipped_resumed_or_restarted(tmp_path, monkeypatch):
-    import moma.engine.trainer as trainer
+    import moma.engine.runs as trainer
 
     seen = []
     monkeypatch.setattr(trainer, "run_training", lambda cfg, resume_dir=None, run_dir=None: seen.append((resume_dir, run_dir)))
@@ -321,7 +330,7 @@ def base_tree(source="data") -> dict:
     ({"teachers": {"t": {"data": {"sorce": "x"}}}}, "teachers.t: unknown config key 'data.sorce'"),
     ({"base": {"optim": {"lrr": 1}}}, "base: unknown config key 'optim.lrr'"),
     ({"methods": {"kd": {"kl_wieght": 1}}}, "unknown compare key 'methods.kd.kl_wieght'"),
-    ({"methods": {"kd": {"params": {"nope": 1}}}}, "methods.kd: distill.params.nope: unknown for method 'kd'"),
+    ({"methods": {"kd": {"params": {"nope": 1}}}}, "methods.kd: unknown config key 'distill.params.nope' (method 'kd' takes: none)"),
     ({"methods": ["none", "nosuch"]}, "methods.nosuch: distill.method 'nosuch' is unknown"),
     ({"settings": {"s": {"teacher": "missing"}}}, "settings.s.teacher: 'missing' is not under teachers"),
     ({"settings": {"s": {"teacher": "t", "run": {"seed": 3}}}}, "settings.s.run.seed is set by the grid; use 'seeds'"),
@@ -348,11 +357,11 @@ def test_config_errors_name_the_key_in_one_line(tmp_path, change, fragment):
 
 def test_config_forms_and_overrides(tmp_path):
     tree = base_tree()
-    tree["methods"] = {"none": None, "kd": {"kl_weight": 0.5}, "kd_t2": {"method": "kd", "temperature": 2}}
+    tree["methods"] = {"none": None, "kd": {"kl_weight": 0.5}, "kd_t2": {"method": "kd", "kl_temperature": 2}}
     cfg = _load(tmp_path, tree, ["seeds=[0, 1]", "base.optim.epochs=3", "methods.kd.ce_weight=0.2", "folds=3"])
     assert cfg.seeds == [0, 1] and cfg.folds == 3 and cfg.base["optim"]["epochs"] == 3
     assert cfg.methods["kd"].distill_overrides() == {"ce_weight": 0.2, "kl_weight": 0.5}
-    assert cfg.registered_name("kd_t2") == "kd" and cfg.methods["kd_t2"].distill_overrides() == {"temperature": 2}
+    assert cfg.registered_name("kd_t2") == "kd" and cfg.methods["kd_t2"].distill_overrides() == {"kl_temperature": 2}
     listed = _load(tmp_path, base_tree(), ["methods.none.kl_weight=0"])  # a list in YAML takes dotted keys too
     assert listed.methods["none"].kl_weight == 0
     subset = _load(tmp_path, base_tree(), ["settings.s.methods=[kd]"])
@@ -599,8 +608,7 @@ def test_report_has_learning_curves_per_size_statistics_and_weak_teacher(curves)
 
 
 def test_screenshot_of_a_report_with_learning_curves_is_not_blank(curves, tmp_path):
-    if not any(shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")):
-        pytest.skip("no Chromium installed (apt-get install chromium) to screenshot the report")
+    require_chromium()
     png = tmp_path / "curves.png"
     done = subprocess.run([sys.executable, str(ROOT / "scripts" / "screenshot_report.py"), str(curves / "report.html"),
                            str(png), "--height", "2400"], capture_output=True, text=True, timeout=180)
@@ -655,3 +663,10 @@ def test_report_only_merges_the_finished_cells_of_a_partial_run(finished, data, 
     assert "1 done, 0 failed, 0 not applicable, 1 pending" in (out / "report.html").read_text()
     assert main(["compare", str(config), "--report-only", "--shard", "1/2"]) == 2
     assert main(["compare", str(tmp_path / "partial.yaml"), "--report-only", "--out", str(tmp_path / "none")]) == 2
+def test_a_method_entry_temperature_is_refused_with_the_new_names(tmp_path):
+    tree = yaml.safe_load((ROOT / "configs" / "compare" / "smoke.yaml").read_text())
+    tree["methods"] = {"none": None, "moma": {"temperature": 0.2}}
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump(tree))
+    with pytest.raises(ConfigError, match=r"methods.moma.*'temperature' is now 'kl_temperature'.*under params"):
+        load_compare_config(path)

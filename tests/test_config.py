@@ -52,3 +52,11 @@ def test_broken_yaml_is_a_config_error(tmp_path):
     path.write_text("optim: [unclosed\n")
     with pytest.raises(ConfigError, match="not valid YAML"):
         load_config(path)
+
+
+def test_the_shared_kl_temperature_has_its_own_name():
+    from moma.config import build_config
+
+    assert build_config({"distill": {"kl_temperature": 2.0}}).distill.kl_temperature == 2.0
+    with pytest.raises(ConfigError, match=r"'distill.temperature' is now distill.kl_temperature .*distill.params"):
+        build_config({"distill": {"temperature": 2.0}})

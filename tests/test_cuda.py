@@ -12,7 +12,8 @@ import torch
 
 from conftest import make_tile_folder, tiny_config, write_teacher
 from moma.engine.checkpoint import load_model_checkpoint
-from moma.engine.trainer import Trainer, run_training
+from moma.engine.runs import run_training
+from moma.engine.trainer import Trainer
 
 # MOMA_REQUIRE_CUDA=1 (set by gpu_check.sh) turns the skip into a failure: on the GPU machine a
 # missing device must not pass as "skipped".

@@ -21,6 +21,8 @@ import torch
 import torch.distributed as dist
 
 from moma.engine import distributed as dist_utils
+from moma.utils import collectives
+from moma.engine.state import load_training_state
 from moma.errors import ConfigError
 from conftest import write_teacher
 
@@ -34,15 +36,15 @@ CLASSES = ["immune", "stroma", "tumour"]  # conftest's tile classes, sorted
 def test_shuffled_slices_cover_the_global_batch_and_unshuffle_restores_it():
     order = torch.tensor([4, 0, 3, 1, 2])
     sizes = [3, 2]  # ranks may hold different numbers of samples
-    assert dist_utils.rank_offsets(sizes) == [0, 3]
-    assert dist_utils.shuffled_slice(order, sizes, 0).tolist() == [4, 0, 3]
-    assert dist_utils.shuffled_slice(order, sizes, 1).tolist() == [1, 2]
+    assert collectives.rank_offsets(sizes) == [0, 3]
+    assert collectives.shuffled_slice(order, sizes, 0).tolist() == [4, 0, 3]
+    assert collectives.shuffled_slice(order, sizes, 1).tolist() == [1, 2]
     samples = torch.tensor([[10.0], [11.0], [12.0], [13.0], [14.0]])  # row i = global sample i
-    computed = torch.cat([samples[dist_utils.shuffled_slice(order, sizes, r)] for r in (0, 1)])
+    computed = torch.cat([samples[collectives.shuffled_slice(order, sizes, r)] for r in (0, 1)])
     assert computed.flatten().tolist() == [14.0, 10.0, 13.0, 11.0, 12.0]  # rows in the shuffled order
-    restored = dist_utils.unshuffle(computed, order)
+    restored = collectives.unshuffle(computed, order)
     assert torch.equal(restored, samples)
-    assert dist_utils.rank_rows(restored, sizes, 1).flatten().tolist() == [13.0, 14.0]  # rank 1's own samples
+    assert collectives.rank_rows(restored, sizes, 1).flatten().tolist() == [13.0, 14.0]  # rank 1's own samples
 
 
 def test_sample_seeds_differ_by_sample_and_epoch_and_order_is_per_epoch():
@@ -102,7 +104,7 @@ def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
     info = dist_utils.DistInfo(rank=rank, world_size=world)
     record = {}
     # rows of different lengths per rank
-    record["gathered"] = dist_utils.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
+    record["gathered"] = collectives.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
     # gradients: the method's second parameter has a gradient on rank 1 only
     method = torch.nn.Module()
     method.a, method.b, method.c = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
@@ -239,16 +241,16 @@ def test_torchrun_moma_run_gathers_keys_syncs_weights_and_resumes_in_one_process
         assert torch.equal(value, r1["params"][key]), key
 
     run_dir = runs / "run"
-    state = torch.load(run_dir / "state.pt", weights_only=False)
+    state = load_training_state(run_dir / "state.pt")
     assert state["world_size"] == 2 and not any(".module." in k for k in state["task"])
 
     from moma.config import load_config
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
 
     cfg = load_config(run_dir / "config.yaml", ["optim.epochs=2"])
     results = run_training(cfg, resume_dir=run_dir)  # this process: one rank
     assert results["epochs"] == 2
-    resumed = torch.load(run_dir / "state.pt", weights_only=False)
+    resumed = load_training_state(run_dir / "state.pt")
     assert resumed["world_size"] == 1 and resumed["task"].keys() == state["task"].keys()
 
 

@@ -7,7 +7,8 @@ import torch
 from safetensors.torch import load_file
 
 from moma.engine import trainer as trainer_module
-from moma.engine.trainer import run_training
+from moma.engine.runs import run_training
+from moma.errors import CheckpointError, ConfigError
 
 
 def test_training_learns_separable_tiles(tile_folder, make_config):
@@ -59,3 +60,42 @@ def test_resume_after_interruption_gives_identical_weights(tile_folder, make_con
         assert torch.equal(a[key], b[key]), key
     assert pd.read_csv(f"{resumed}/summary.csv")["epoch"].tolist() == [1, 2, 3]
     assert open(f"{reference}/split.csv").read() == open(f"{resumed}/split.csv").read()
+
+
+@pytest.mark.parametrize("teacher_bytes, message", [
+    (None, "teacher.safetensors not found"),
+    (b"\x00" * 64, "teacher.safetensors: not a readable safetensors file"),
+])
+def test_a_bad_teacher_fails_before_any_tile_is_read(tmp_path, make_config, monkeypatch, teacher_bytes, message):
+    teacher = tmp_path / "teacher.safetensors"
+    if teacher_bytes is not None:
+        teacher.write_bytes(teacher_bytes)
+    data = tmp_path / "huge-slide-archive"  # a folder that would take long to scan: it must never be opened
+    data.mkdir()
+
+    def no_scan(*args, **kwargs):
+        raise AssertionError("the data was scanned before the teacher was checked")
+
+    monkeypatch.setattr("moma.engine.builder.scan_tiles", no_scan)
+    monkeypatch.setattr("moma.data.tiles.scan_tiles", no_scan)
+    cfg = make_config(data, distill={"method": "kd", "teacher": str(teacher)})
+    with pytest.raises(CheckpointError, match=message):
+        run_training(cfg)
+    assert not (tmp_path / "runs" / "t").exists()  # nothing left behind
+
+
+def test_a_missing_student_weights_file_fails_before_any_tile_is_read(tmp_path, make_config, monkeypatch):
+    monkeypatch.setattr("moma.engine.builder.scan_tiles", lambda *a, **k: pytest.fail("data scanned"))
+    cfg = make_config(tmp_path, distill={"student_init": str(tmp_path / "nope.pt")})
+    with pytest.raises(CheckpointError, match="weights file .*nope.pt not found"):
+        run_training(cfg)
+
+
+def test_a_moma_teacher_of_another_architecture_fails_before_any_tile_is_read(tmp_path, make_config, monkeypatch):
+    from conftest import write_teacher
+
+    teacher = write_teacher(tmp_path / "teacher.safetensors", ["a", "b"], arch="test_efficientnet")
+    monkeypatch.setattr("moma.engine.builder.scan_tiles", lambda *a, **k: pytest.fail("data scanned"))
+    cfg = make_config(tmp_path, distill={"method": "moma", "teacher": str(teacher)})
+    with pytest.raises(ConfigError, match="needs a teacher of the student's architecture .*model.arch=test_efficientnet"):
+        run_training(cfg)

@@ -272,7 +272,7 @@ def test_a_features_only_checkpoint_cannot_predict(tmp_path, capsys):
     assert_one_line_error(code, err, "features-only teacher")
 
 
-FEATURE_METHODS = sorted(name for name, cls in all_methods().items() if cls.requires_teacher and not cls.logit_based)
+FEATURE_METHODS = sorted(name for name, cls in all_methods().items() if cls.requires_teacher and not cls.needs_teacher_classes)
 
 
 def test_the_feature_methods_are_the_ones_the_docs_list():

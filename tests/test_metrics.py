@@ -43,3 +43,18 @@ def test_binary_auc_uses_positive_column_and_random_data_matches_sklearn():
 def test_class_absent_from_targets_does_not_crash():
     m = compute_metrics([0, 0, 1], np.array([[0.9, 0.05, 0.05], [0.1, 0.8, 0.1], [0.2, 0.7, 0.1]]), ["a", "b", "c"])
     assert m["per_class"]["c"]["support"] == 0 and np.isfinite(m["auc"])
+
+
+def test_one_list_of_metric_names_for_runs_selection_and_the_grid():
+    import typing
+
+    from moma.compare.results import _test_metrics
+    from moma.config import TrainConfig
+    from moma.metrics import METRICS, compute_metrics, summary
+
+    assert set(typing.get_args(TrainConfig.model_fields["select_metric"].annotation)) == set(METRICS)
+    metrics = compute_metrics([0, 1, 1, 0], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], ["a", "b"])
+    assert set(summary(metrics)) == set(METRICS)
+    assert metrics["balanced_accuracy"] == 0.75  # recall 1.0 on a, 0.5 on b
+    row = _test_metrics({"best": {"test": metrics}}, "best")
+    assert set(row) == {f"best_{m}" for m in METRICS} and row["best_qwk"] == metrics["qwk"]

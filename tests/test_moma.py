@@ -11,8 +11,8 @@ from moma.distill.base import Batch
 from moma.distill.moma import batchnorm_mode
 from moma.engine import trainer as trainer_module
 from moma.engine.builder import build_task
-from moma.engine.checkpoint import load_training_state
-from moma.engine.trainer import run_training
+from moma.engine.state import load_training_state
+from moma.engine.runs import run_training
 from moma.errors import ConfigError
 from conftest import write_teacher as save_teacher
 
@@ -54,7 +54,7 @@ def perturb(module, seed=5):
 
 def test_class_attributes_and_default_weights(build):
     cls = get_method("moma")
-    assert cls.requires_same_architecture and cls.teacher_is_updated and not cls.logit_based
+    assert cls.requires_same_architecture and cls.teacher_is_updated and not cls.needs_teacher_classes
     assert (cls.default_ce_weight, cls.default_kl_weight) == (1.0, 1.0)
     task = build()
     assert task.loss_weights() == {"ce": 1.0, "kl": 1.0, "nce": 1.0}

@@ -9,7 +9,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from moma.engine.trainer import run_training
+from moma.engine.runs import run_training
 from conftest import write_teacher
 
 LUNG = Path(__file__).resolve().parents[1] / "data" / "demo" / "lc25000_lung"

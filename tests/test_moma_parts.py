@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from moma.distill.batch_attention import BatchAttention, BatchAttentionBlock
-from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers, paired_parameters
+from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.moma import (ProjectionHead, contrast_diagnostics, infonce_logits, infonce_loss, mean_pairwise_cosine,
                                resolve_queue_size)
 from moma.distill.queue import KeyQueue
@@ -27,15 +27,15 @@ def test_ema_update_is_alpha_target_plus_one_minus_alpha_source():
     torch.testing.assert_close(source[0], torch.tensor([3.0, 5.0]))  # the source is untouched
 
 
-def test_ema_of_modules_pairs_by_name_and_rejects_other_shapes():
+def test_ema_of_modules_and_buffer_pairing_rejects_other_shapes():
     a, b = nn.Linear(2, 1), nn.Linear(2, 1)
     with torch.no_grad():
         a.weight.fill_(1.0), a.bias.fill_(-1.0), b.weight.fill_(2.0), b.bias.fill_(1.0)
-    ema_update_(*paired_parameters(a, b), momentum=0.75)
+    ema_update_(list(a.parameters()), list(b.parameters()), momentum=0.75)
     torch.testing.assert_close(a.weight, torch.full((1, 2), 1.25))  # 0.75 * 1 + 0.25 * 2
     torch.testing.assert_close(a.bias, torch.tensor([-0.5]))  # 0.75 * -1 + 0.25 * 1
     with pytest.raises(ValueError, match="shape"):
-        paired_parameters(nn.Linear(2, 1), nn.Linear(3, 1))
+        paired_buffers(nn.BatchNorm1d(2), nn.BatchNorm1d(3))
 
 
 def test_buffer_copy_and_pairing():

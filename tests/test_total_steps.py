@@ -8,7 +8,8 @@ import json
 import pytest
 
 from conftest import make_tile_folder, tiny_config
-from moma.engine.trainer import Trainer, run_training
+from moma.engine.runs import run_training
+from moma.engine.trainer import Trainer
 from moma.errors import ConfigError
 
 

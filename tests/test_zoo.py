@@ -44,8 +44,8 @@ def teacher_checkpoints(tmp_path_factory):
 
 def build(method: str, teacher_checkpoints, params: dict | None = None):
     cls = get_method(method)
-    student_arch = TEACHER if getattr(cls, "requires_same_architecture", False) else STUDENT
-    teacher_classes = CLASSES if cls.logit_based else OTHER_CLASSES
+    student_arch = TEACHER if cls.requires_same_architecture else STUDENT
+    teacher_classes = CLASSES if cls.needs_teacher_classes else OTHER_CLASSES
     cfg = build_config({
         "data": {"image_size": IMAGE},
         "model": {"arch": student_arch},
@@ -100,7 +100,7 @@ def test_method_trains_through_the_builder(method, teacher_checkpoints):
         if param.requires_grad:
             assert param.grad is not None and torch.isfinite(param.grad).all(), f"{method}: no gradient for {name}"
 
-    if not getattr(cls, "teacher_is_updated", False):
+    if not cls.teacher_is_updated:
         teacher_after = task.teacher.state_dict()
         assert teacher_after.keys() == teacher_before.keys()
         assert all(torch.equal(teacher_before[k], teacher_after[k]) for k in teacher_before)
@@ -140,7 +140,7 @@ def test_stages_connectors_and_weights_follow_repdistiller(method, teacher_check
     weights = {"rkd_distance": 25, "rkd_angle": 50} if method == "rkd" else {method: betas[method]}
     assert task.method.loss_weights == weights
     assert info["loss_weights"] == {"ce": 1.0, "kl": 0.0, **weights}
-    assert not type(task.method).logit_based
+    assert not type(task.method).needs_teacher_classes
 
 
 def test_fitnet_stage_parameter_and_regressed_shape(teacher_checkpoints):

@@ -18,23 +18,13 @@ from pathlib import Path
 import yaml
 
 from moma.compare.config import CompareConfig, load_compare_config
-from moma.compare.grid import (
-    DONE,
-    FAILED,
-    NOT_APPLICABLE,
-    PENDING,
-    Grid,
-    GridRun,
-    choose_out_dir,
-    grid_logging,
-    parse_shard,
-    shard_cells,
-)
+from moma.compare.grid import COMPARE_CONFIG_NAME, Grid, GridRun, choose_out_dir, grid_logging, parse_shard, shard_cells
 from moma.compare.locks import exclusive, lock_path
 from moma.compare.report import ReportContext, write_report
 from moma.compare.results import build_results, failures
-from moma.engine.io import atomic_write_text
+from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.errors import ConfigError
+from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +118,7 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None, out
     if share is not None:
         run.shard = shard_cells(run.cells, *share)
     grid.check_existing_runs(run.cells)
-    atomic_write_text(out / "compare.yaml", yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    atomic_write_text(out / COMPARE_CONFIG_NAME, yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     with grid_logging(out):
         log.info("compare folder: %s%s", out, f" (shard {shard})" if shard else "")
         try:
@@ -137,7 +127,7 @@ def run_compare(config_path: str | Path, overrides: list[str] | None = None, out
             write_outputs(cfg, out, run, command, grid)  # results.csv with the pending cells
             raise
         write_outputs(cfg, out, run, command, grid)
-        counts = {s: sum(o.status == s for o in run.outcomes.values()) for s in ("done", "failed", "not_applicable")}
-        log.info("%d done, %d failed, %d not applicable; %d runs trained in %.0f s. Report: %s", counts["done"],
-                 counts["failed"], counts["not_applicable"], run.trained, run.seconds, out / "report.html")
+        counts = {s: sum(o.status == s for o in run.outcomes.values()) for s in (DONE, FAILED, NOT_APPLICABLE)}
+        log.info("%d done, %d failed, %d not applicable; %d runs trained in %.0f s. Report: %s", counts[DONE],
+                 counts[FAILED], counts[NOT_APPLICABLE], run.trained, run.seconds, out / "report.html")
     return out

@@ -10,7 +10,7 @@
       imagenet: {checkpoint: weights/effnet_b0.safetensors}
     settings:                         # transfer settings: a teacher and a target data set
       relevant: {teacher: lung, data: {source: data/demo/glas_colon}}
-    methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, temperature}
+    methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, kl_temperature}
     folds: 2                          # grouped k-fold on the target's patients
     seeds: [0]
     train_per_class: [8, 32, all]     # optional: a learning curve (or train_fraction: [0.1, 0.5, all])
@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from moma.config import apply_override, build_config, parse_override, read_yaml
 from moma.errors import ConfigError
+from moma.utils.validation import validation_message
 
 SECTIONS = ("run", "data", "augment", "model", "optim", "train", "distill")
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -113,11 +114,19 @@ class MethodSpec(Strict):
     params: dict[str, Any] = Field(default_factory=dict)
     ce_weight: float | None = Field(None, ge=0.0)
     kl_weight: float | None = Field(None, ge=0.0)
-    temperature: float | None = Field(None, gt=0.0)
+    kl_temperature: float | None = Field(None, gt=0.0, description="T of the shared KL term")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _renamed_temperature(cls, value: Any) -> Any:
+        if isinstance(value, dict) and "temperature" in value:
+            raise ValueError("'temperature' is now 'kl_temperature' (the shared KL term's T); a method's own "
+                             "temperature goes under params (e.g. dkd: params.temperature)")
+        return value
 
     def distill_overrides(self) -> dict[str, Any]:
         out: dict[str, Any] = {"params": self.params} if self.params else {}
-        for key in ("ce_weight", "kl_weight", "temperature"):
+        for key in ("ce_weight", "kl_weight", "kl_temperature"):
             if getattr(self, key) is not None:
                 out[key] = getattr(self, key)
         return out
@@ -241,20 +250,6 @@ def deep_merge(target: dict[str, Any], layer: dict[str, Any]) -> dict[str, Any]:
     return target
 
 
-def _format_error(error: ValidationError, origin: str) -> str:
-    first = error.errors()[0]
-    key = ".".join(str(part) for part in first["loc"]) or "<root>"
-    if first["type"] == "extra_forbidden":
-        return f"{origin}: unknown compare key '{key}' (check its spelling)"
-    if first["type"] == "missing":
-        return f"{origin}: compare key '{key}' is required"
-    message = first["msg"].removeprefix("Value error, ")
-    value = first.get("input")
-    shown = f" (got {value!r})" if isinstance(value, (str, int, float)) and first["loc"] else ""
-    where = f"compare key '{key}': " if first["loc"] else ""
-    return f"{origin}: {where}{message}{shown}"
-
-
 def _check_grid_keys(tree: dict[str, Any], where: str, origin: str) -> None:
     for (section, key), instead in GRID_KEYS.items():
         if key in (tree.get(section) or {}):
@@ -291,7 +286,7 @@ def build_compare_config(tree: dict[str, Any], origin: str = "compare config") -
     try:
         cfg = CompareConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_format_error(exc, origin)) from None
+        raise ConfigError(f"{origin}: {validation_message(exc, noun='compare key')}") from None
     _check_training_configs(cfg, origin)
     return cfg
 

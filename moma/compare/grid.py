@@ -33,14 +33,17 @@ from tqdm import tqdm
 from moma.compare.config import CompareConfig
 from moma.compare.holdout import write_holdout_manifests
 from moma.compare.locks import exclusive, lock_path
+from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.config import Config, build_config
-from moma.engine.runs import BEST_NAME, CONFIG_NAME, LAST_NAME, METRICS_NAME, STATE_NAME, create_run_dir
+from moma.engine.layout import BEST_NAME, CONFIG_NAME, EVAL_TAG, LAST_NAME, METRICS_NAME, STATE_NAME, report_file
+from moma.engine.runs import create_run_dir
 from moma.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
-DONE, FAILED, NOT_APPLICABLE, PENDING = "done", "failed", "not_applicable", "pending"
 EXTERNAL_DIR = "external"
+COMPARE_CONFIG_NAME = "compare.yaml"
+ERROR_NAME = "error.txt"  # a failed cell's traceback
 # Keys that change how a run executes, not what it computes: ignored when a re-run checks that a
 # finished cell was trained with the config it would get now.
 VOLATILE_KEYS = {("run", "name"), ("run", "output_dir"), ("run", "device"), ("train", "progress"),
@@ -117,7 +120,7 @@ def choose_out_dir(cfg: CompareConfig, out_dir: str | Path | None, resume: bool)
     """The compare folder: the given or default one when resuming; a new ``<name>-N`` with fresh."""
     base = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
     occupied = base.is_dir() and any(base.iterdir())
-    if occupied and not (base / "compare.yaml").is_file():
+    if occupied and not (base / COMPARE_CONFIG_NAME).is_file():
         if resume:
             raise ConfigError(f"{base} is not empty and is not a compare folder (no compare.yaml); choose another --out")
     if not occupied or resume:
@@ -195,7 +198,7 @@ def train_or_resume(cfg: Config, run_dir: Path, keep_state: bool = True) -> str:
     """Train into ``run_dir`` unless finished; continue it if interrupted. Returns what was done.
     Without ``keep_state`` the training state and the last-epoch weights of a run that finishes
     here are deleted (its metrics are in metrics.json; best.safetensors stays)."""
-    from moma.engine.trainer import run_training
+    from moma.engine.runs import run_training
 
     if (run_dir / METRICS_NAME).is_file():
         return "skipped"
@@ -448,17 +451,17 @@ class Grid:
 
     def not_applicable_reason(self, cell: Cell) -> str | None:
         from moma.distill import get_method
+        from moma.distill.registry import not_applicable_reason
 
         method_cls = get_method(self.cfg.registered_name(cell.method))
         teacher_name = self.cfg.settings[cell.setting].teacher
         if teacher_name is None:
-            return f"{method_cls.name} needs a teacher and this setting has none" if method_cls.requires_teacher else None
+            return not_applicable_reason(method_cls, None)
         teacher = self.teachers.get(teacher_name)
-        if method_cls.logit_based and teacher is not None and teacher.classes is not None:
-            if sorted(teacher.classes) != sorted(self.target_classes(cell)):
-                return (f"{method_cls.name} matches logits, which needs a teacher trained on the target's classes "
-                        f"(teacher: {', '.join(teacher.classes)}; target: {', '.join(self.target_classes(cell))})")
-        return None
+        if teacher is None or teacher.classes is None:
+            return None  # a failed teacher fails its cells instead
+        needs_classes = method_cls.needs_teacher_classes
+        return not_applicable_reason(method_cls, teacher.classes, self.target_classes(cell) if needs_classes else None)
 
     # ------------------------------------------------------------------ cells
     def external_test(self, cell: Cell, cfg: Config) -> None:
@@ -468,7 +471,7 @@ class Grid:
 
         spec = self.cfg.settings[cell.setting].external_test
         out = self.out / cell.rel_dir / EXTERNAL_DIR
-        if spec is None or (out / "metrics_eval.json").is_file():
+        if spec is None or (out / report_file("metrics", EVAL_TAG)).is_file():
             return
         evaluate_checkpoint(self.out / cell.rel_dir / BEST_NAME, _absolute(spec.source), out, resolve_device(cfg.run.device),
                             mpp=spec.mpp, batch_size=spec.batch_size, progress=False)
@@ -490,7 +493,7 @@ class Grid:
             message = f"{type(exc).__name__}: {exc}".splitlines()[0]
             log.error("cell %s failed: %s", cell.label, message)
             run_dir.mkdir(parents=True, exist_ok=True)
-            (run_dir / "error.txt").write_text(traceback.format_exc())
+            (run_dir / ERROR_NAME).write_text(traceback.format_exc())
             return Outcome(FAILED, message), False
         try:
             self.external_test(cell, cfg)

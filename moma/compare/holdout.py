@@ -18,8 +18,8 @@ import pandas as pd
 from sklearn.model_selection import StratifiedGroupKFold
 
 from moma.data.tiles import scan_tiles
-from moma.engine.io import atomic_write_text
 from moma.errors import ConfigError
+from moma.utils.io import atomic_write_text
 
 
 def teacher_groups(labels: np.ndarray, groups: np.ndarray, fraction: float, seed: int) -> np.ndarray:

@@ -21,9 +21,9 @@ from scipy import stats as scipy_stats  # noqa: E402
 from moma.compare.config import ALL, CompareConfig  # noqa: E402
 from moma.compare.grid import TeacherInfo  # noqa: E402
 from moma.compare.results import COST_COLUMNS  # noqa: E402
+from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, STATUSES, failure_rows  # noqa: E402
 from moma.config import build_config  # noqa: E402
 from moma.compare.stats import (  # noqa: E402
-    METRICS,
     add_ranks,
     average_ranks,
     compare_with_baseline,
@@ -31,10 +31,11 @@ from moma.compare.stats import (  # noqa: E402
     summarize,
     verdict,
 )
-from moma.engine.io import atomic_path, atomic_write_text  # noqa: E402
+from moma.engine.layout import TEST_BEST_TAG, report_file  # noqa: E402
 from moma.engine.plots import plot_confusion  # noqa: E402
+from moma.metrics import METRIC_LABELS, METRICS  # noqa: E402
+from moma.utils.io import atomic_path, atomic_write_text  # noqa: E402
 
-LABELS = {"accuracy": "accuracy", "macro_f1": "macro F1", "kappa": "kappa", "qwk": "QWK", "auc": "AUC"}
 TABLE_METRICS = ("accuracy", "macro_f1", "kappa")
 RANK_BY = "macro_f1_mean"
 PAIRED_COLUMNS = ["best_macro_f1", "best_accuracy"]
@@ -83,8 +84,8 @@ def _best_flags(values: pd.Series, higher: bool = True) -> list[bool]:
 def _status_counts(results: pd.DataFrame, setting: str, method: str) -> tuple[int, int, int, str]:
     rows = results[(results["setting"] == setting) & (results["method"] == method)]
     counts = rows["status"].value_counts()
-    note = rows.loc[rows["status"] == "not_applicable", "message"]
-    return int(counts.get("done", 0)), int(counts.get("failed", 0)), len(rows), note.iloc[0] if len(note) else ""
+    note = rows.loc[rows["status"] == NOT_APPLICABLE, "message"]
+    return int(counts.get(DONE, 0)), int(counts.get(FAILED, 0)), len(rows), note.iloc[0] if len(note) else ""
 
 
 def metrics_table(results: pd.DataFrame, ranked: pd.DataFrame, setting: str) -> Table:
@@ -102,7 +103,7 @@ def metrics_table(results: pd.DataFrame, ranked: pd.DataFrame, setting: str) -> 
         cells = [(_mean_std(row[f"{m}_mean"], row[f"{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
         rank = "—" if not np.isfinite(row["rank"]) else f"{row['rank']:g}"
         rows.append([(row["method"], False), (runs, False)] + cells + [(rank, rank_flags[i])])
-    headers = ["method", "runs"] + [LABELS[m] for m in TABLE_METRICS] + ["rank (macro F1)"]
+    headers = ["method", "runs"] + [METRIC_LABELS[m] for m in TABLE_METRICS] + ["rank (macro F1)"]
     return Table(headers, rows, notes=notes)
 
 
@@ -146,7 +147,7 @@ def plain_words(paired: pd.DataFrame, setting: str, baseline: str) -> str:
 
 
 def _on_gpu(results: pd.DataFrame, setting: str, method: str) -> bool:
-    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == "done")]
+    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == DONE)]
     return "device" in rows and len(rows) > 0 and rows["device"].astype(str).str.startswith("cuda").all()
 
 
@@ -168,13 +169,12 @@ def external_table(summary: pd.DataFrame, setting: str) -> Table:
     flags = {m: _best_flags(part[f"ext_{m}_mean"]) for m in TABLE_METRICS}
     rows = [[(r["method"], False)] + [(_mean_std(r[f"ext_{m}_mean"], r[f"ext_{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
             for i, r in part.iterrows()]
-    return Table(["method"] + [LABELS[m] for m in TABLE_METRICS], rows)
+    return Table(["method"] + [METRIC_LABELS[m] for m in TABLE_METRICS], rows)
 
 
 def failure_table(results: pd.DataFrame) -> Table:
-    bad = results[(results["status"] == "failed") | ((results["status"] == "done") & (results["message"] != ""))]
     rows = [[(f"{r.setting}/{r.method}/fold{r.fold}-seed{r.seed}", False), (r.status, False), (r.message, False)]
-            for r in bad.itertuples()]
+            for r in failure_rows(results).itertuples()]
     return Table(["cell", "status", "message"], rows)
 
 
@@ -238,7 +238,7 @@ def plot_bars(summary: pd.DataFrame, settings: list[str], methods: list[str], pa
             if row == 0:
                 ax.set_title(setting)
             if col == 0:
-                ax.set_ylabel(f"test {LABELS[metric]} (mean ± std)")
+                ax.set_ylabel(f"test {METRIC_LABELS[metric]} (mean ± std)")
     fig.tight_layout()
     _save(fig, path)
 
@@ -247,7 +247,7 @@ def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[
     """Test accuracy against training time, one point per finished cell."""
     colours = _colours(methods)
     markers = ["o", "s", "^", "D", "v", "P", "X", "*"]
-    done = results[results["status"] == "done"]
+    done = results[results["status"] == DONE]
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     for s_index, setting in enumerate(settings):
         for method in methods:
@@ -266,10 +266,10 @@ def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[
 
 def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str) -> tuple[np.ndarray, list[str]] | None:
     """The test confusion matrices of a method's finished cells, summed over folds x seeds."""
-    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == "done")]
+    rows = results[(results["setting"] == setting) & (results["method"] == method) & (results["status"] == DONE)]
     total, names = None, None
     for run_dir in rows["run_dir"]:
-        path = out / run_dir / "confusion_test_best.csv"
+        path = out / run_dir / report_file("confusion_csv", TEST_BEST_TAG)
         if not path.is_file():
             continue
         frame = pd.read_csv(path, index_col=0)
@@ -523,7 +523,7 @@ def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, p
 
 def _header_lines(ctx: ReportContext, results: pd.DataFrame) -> list[tuple[str, str]]:
     counts = results["status"].value_counts()
-    status = ", ".join(f"{int(counts.get(s, 0))} {s.replace('_', ' ')}" for s in ("done", "failed", "not_applicable", "pending"))
+    status = ", ".join(f"{int(counts.get(s, 0))} {s.replace('_', ' ')}" for s in STATUSES)
     machine = ctx.machine
     return [
         ("command", ctx.command),
@@ -616,7 +616,7 @@ def make_plots(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame) 
             path = plots / f"confusion_{setting}_{method}.png"
             plot_confusion(summed[0], summed[1], path, title=f"{setting}: {method} ({role})")
             images.append((f"{setting}: test confusion matrix of {method} ({role}), summed over folds x seeds", path))
-    if (results["status"] == "done").any():
+    if (results["status"] == DONE).any():
         plot_time_scatter(results, methods, settings, plots / "accuracy_vs_time.png")
         images.append(("test accuracy vs training time, one point per run", plots / "accuracy_vs_time.png"))
     return images

@@ -10,9 +10,10 @@ from pathlib import Path
 import pandas as pd
 
 from moma.compare.config import ALL, CompareConfig
-from moma.compare.grid import DONE, EXTERNAL_DIR, NOT_APPLICABLE, Cell, GridRun
-from moma.compare.stats import METRICS
-from moma.engine.runs import METRICS_NAME
+from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
+from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
+from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
+from moma.metrics import METRICS
 
 COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
                 "peak_memory_mb", "extra_parameters"]
@@ -40,7 +41,7 @@ def _method_diagnostics(results: dict) -> dict[str, float]:
 
 
 def _external_metrics(run_dir: Path) -> dict[str, float]:
-    path = run_dir / EXTERNAL_DIR / "metrics_eval.json"
+    path = run_dir / EXTERNAL_DIR / report_file("metrics", EVAL_TAG)
     metrics = json.loads(path.read_text()) if path.is_file() else {}
     return {f"ext_{m}": float(metrics.get(m, NAN)) for m in METRICS}
 
@@ -64,7 +65,7 @@ def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: st
     row.update(_method_diagnostics(results))
     if any(setting.external_test for setting in cfg.settings.values()):
         row.update(_external_metrics(run_dir))
-    environment = run_dir / "environment.json"
+    environment = run_dir / ENVIRONMENT_NAME
     row["device"] = json.loads(environment.read_text()).get("device", "") if status == DONE and environment.is_file() else ""
     step = results.get("step_time") or {}
     row.update({
@@ -88,5 +89,4 @@ def build_results(cfg: CompareConfig, out: Path, run: GridRun) -> pd.DataFrame:
 
 def failures(results: pd.DataFrame) -> pd.DataFrame:
     """Cells that failed, or finished with a problem (e.g. in the external test)."""
-    bad = (results["status"] == "failed") | ((results["status"] == DONE) & (results["message"] != ""))
-    return results.loc[bad, ["setting", "method", "fold", "seed", "status", "message", "run_dir"]]
+    return failure_rows(results)[["setting", "method", "fold", "seed", "status", "message", "run_dir"]]

@@ -17,12 +17,13 @@ import numpy as np
 import pandas as pd
 from scipy import stats as scipy_stats
 
-METRICS = ("accuracy", "macro_f1", "kappa", "qwk", "auc")
+from moma.compare.status import DONE, NOT_APPLICABLE
+
 PAIR_KEYS = ["fold", "seed"]
 
 
 def done_rows(results: pd.DataFrame) -> pd.DataFrame:
-    return results[results["status"] == "done"]
+    return results[results["status"] == DONE]
 
 
 def group_keys(frame: pd.DataFrame) -> list[str]:
@@ -125,7 +126,7 @@ def compare_with_baseline(results: pd.DataFrame, baseline: str, columns: list[st
             continue
         for method in methods:
             statuses = set(part[part["method"] == method]["status"])
-            if method == baseline or statuses == {"not_applicable"}:
+            if method == baseline or statuses == {NOT_APPLICABLE}:
                 continue
             row: dict = {"setting": setting, **({"size": size} if size is not None else {}), "method": method,
                          "baseline": baseline}

@@ -18,6 +18,7 @@ from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 
 from moma.data.tiles import SPLITS, TileTable
 from moma.errors import DataError
+from moma.utils.io import atomic_write_text
 
 SPLIT_COLUMNS = ["rel_path", "label", "group", "split"]
 # Training tiles left out of a labelled subset (moma.data.subsample): in split.csv, in no part.
@@ -118,8 +119,6 @@ def check_no_leakage(split: pd.DataFrame) -> None:
 
 
 def save_split(split: pd.DataFrame, path: Path) -> None:
-    from moma.engine.io import atomic_write_text
-
     atomic_write_text(path, split[SPLIT_COLUMNS].to_csv(index=False))
 
 

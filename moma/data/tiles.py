@@ -46,10 +46,6 @@ class TileTable:
     def subset(self, mask) -> "TileTable":
         return TileTable(self.source, self.frame[mask].reset_index(drop=True), self.classes)
 
-    def class_counts(self) -> dict[str, int]:
-        counts = self.frame["label"].value_counts()
-        return {name: int(counts.get(name, 0)) for name in self.classes}
-
 
 def is_image_file(path: Path) -> bool:
     return path.is_file() and path.suffix.lower() in IMAGE_SUFFIXES and not path.name.startswith(".")

@@ -24,6 +24,7 @@ from torch import nn
 
 from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
+from moma.utils.validation import validation_message
 
 
 class MethodParams(BaseModel):
@@ -66,7 +67,14 @@ class DistillMethod(nn.Module):
     reference: ClassVar[str] = ""
     Params: ClassVar[type[MethodParams]] = MethodParams
     requires_teacher: ClassVar[bool] = True
-    logit_based: ClassVar[bool] = False  # needs teacher logits over the student's classes
+    # Uses the teacher's class outputs (logits or classifier): needs a teacher trained on the data's classes.
+    needs_teacher_classes: ClassVar[bool] = False
+    # The teacher must have the student's layers (MoMA: it becomes a momentum average of the student).
+    requires_same_architecture: ClassVar[bool] = False
+    # The method changes the teacher's weights while training (so they are part of the training state).
+    teacher_is_updated: ClassVar[bool] = False
+    # Some student parameters get no gradient (SimKD's own classifier): DDP must look for unused ones.
+    student_has_unused_parameters: ClassVar[bool] = False
     default_ce_weight: ClassVar[float] = 1.0
     default_kl_weight: ClassVar[float] = 0.0
 
@@ -82,12 +90,9 @@ class DistillMethod(nn.Module):
         try:
             return cls.Params.model_validate(raw or {})
         except ValidationError as exc:
-            first = exc.errors()[0]
-            key = ".".join(str(p) for p in first["loc"])
-            if first["type"] == "extra_forbidden":
-                known = ", ".join(cls.Params.model_fields) or "none"
-                raise ConfigError(f"distill.params.{key}: unknown for method '{cls.name}' (its parameters: {known})") from None
-            raise ConfigError(f"distill.params.{key}: {first['msg']} (got {first.get('input')!r})") from None
+            known = ", ".join(cls.Params.model_fields) or "none"
+            hint = f"method '{cls.name}' takes: {known}"
+            raise ConfigError(validation_message(exc, hint, key_prefix="distill.params.")) from None
 
     def forward(self, student: TapOutputs, teacher: TapOutputs | None, batch: Batch) -> dict[str, torch.Tensor]:
         """Named, unweighted loss terms of this step."""
@@ -130,10 +135,3 @@ class DistillMethod(nn.Module):
     def extra_parameters(self) -> int:
         """Trainable parameters the method adds beyond the student (connectors, heads)."""
         return sum(p.numel() for p in self.parameters() if p.requires_grad)
-
-    def describe(self) -> str:
-        return f"{self.name}: {self.summary}"
-
-
-def count_parameters(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())

@@ -38,6 +38,7 @@ from torch import nn
 from moma.distill.base import DistillMethod, MethodContext, MethodParams
 from moma.distill.registry import register_method
 from moma.errors import ConfigError
+from moma.utils.collectives import all_gather_rows
 
 log = logging.getLogger(__name__)
 
@@ -224,6 +225,4 @@ class CRD(DistillMethod):
     def _gather(self, tensor: torch.Tensor) -> torch.Tensor:
         """This step's rows from every process, concatenated along dim 0 in rank order (identity in
         one process), so that every rank applies the same update to its banks and Z."""
-        from moma.engine.distributed import all_gather_rows
-
         return all_gather_rows(tensor)

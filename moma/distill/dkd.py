@@ -63,7 +63,7 @@ class DKD(DistillMethod):
     name = "dkd"
     summary = "decoupled KD: target-class (TCKD) and non-target-class (NCKD) parts of KD, weighted separately"
     reference = "Zhao et al., Decoupled Knowledge Distillation, CVPR 2022 (arXiv 2203.08679)"
-    logit_based = True
+    needs_teacher_classes = True
     default_ce_weight = 1.0
     default_kl_weight = 0.0
 

@@ -39,11 +39,6 @@ def cosine_momentum(base: float, step: int, total_steps: int) -> float:
     return 1.0 - (1.0 - base) * (math.cos(math.pi * progress) + 1.0) / 2.0
 
 
-def paired_parameters(target: nn.Module, source: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Parameters of two modules of the same structure, paired by name (shapes checked)."""
-    return _pair(dict(target.named_parameters()), dict(source.named_parameters()))
-
-
 def paired_buffers(target: nn.Module, source: nn.Module) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Buffers of two modules of the same structure, paired by name (shapes checked)."""
     return _pair(dict(target.named_buffers()), dict(source.named_buffers()))

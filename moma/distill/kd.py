@@ -31,7 +31,7 @@ class KD(DistillMethod):
     name = "kd"
     summary = "logit distillation: KL to the teacher's temperature-softened probabilities"
     reference = "Hinton et al., Distilling the Knowledge in a Neural Network, arXiv 1503.02531 (2015)"
-    logit_based = True
+    needs_teacher_classes = True
     default_ce_weight = 0.1
     default_kl_weight = 0.9
 

@@ -34,7 +34,7 @@ import logging
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Annotated, ClassVar, Literal
+from typing import Annotated, Literal
 
 import torch
 import torch.nn.functional as F
@@ -47,7 +47,8 @@ from moma.distill.batch_attention import AttentionWiring, BatchAttentionBlock
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
-from moma.engine import distributed as dist_utils
+from moma.utils import collectives as dist_utils
+from moma.utils.collectives import unwrap_parallel
 from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
 
@@ -144,11 +145,6 @@ def running_stats_frozen(model: nn.Module):
     finally:
         for m in norms:
             m.track_running_stats = True
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    """The module itself, also when DistributedDataParallel wraps it."""
-    return getattr(module, "module", module)
 
 
 def _classifier_names(model: nn.Module) -> set[str]:
@@ -296,9 +292,9 @@ class MoMA(DistillMethod):
     reference = "Vuong & Kwak, MoMA, Medical Image Analysis 101 (2025) 103421, arXiv 2308.16561"
     Params = MoMAParams
     requires_teacher = True
-    logit_based = False  # works across label sets; the KL term is then switched off by the builder
-    requires_same_architecture: ClassVar[bool] = True
-    teacher_is_updated: ClassVar[bool] = True
+    needs_teacher_classes = False  # works across label sets; the KL term is then switched off by the builder
+    requires_same_architecture = True
+    teacher_is_updated = True
     default_ce_weight = 1.0  # -c 1
     default_kl_weight = 1.0  # -d 1 (same task only)
 
@@ -307,7 +303,7 @@ class MoMA(DistillMethod):
         if ctx.teacher is None:
             raise ConfigError("distill.method 'moma' needs a teacher checkpoint (distill.teacher)")
         # References only: both networks belong to the task (a tuple is not registered as submodules).
-        self._taps: tuple[FeatureTap, FeatureTap] = (_unwrap(ctx.student), _unwrap(ctx.teacher))
+        self._taps: tuple[FeatureTap, FeatureTap] = (unwrap_parallel(ctx.student), unwrap_parallel(ctx.teacher))
         student, teacher = self._student_model, self._teacher_model
         _check_same_architecture(student, teacher)
         if not ctx.same_label_space:
@@ -358,11 +354,11 @@ class MoMA(DistillMethod):
     # --------------------------------------------------------------- setup helpers
     @property
     def _student_model(self) -> nn.Module:
-        return _unwrap(self._taps[0]).model
+        return unwrap_parallel(self._taps[0]).model
 
     @property
     def _teacher_model(self) -> nn.Module:
-        return _unwrap(self._taps[1]).model
+        return unwrap_parallel(self._taps[1]).model
 
     @staticmethod
     def _queue_size(params: MoMAParams, ctx: MethodContext) -> int:

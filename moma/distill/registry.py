@@ -34,3 +34,46 @@ def method_names() -> list[str]:
 
 def all_methods() -> dict[str, type]:
     return dict(sorted(_METHODS.items()))
+
+
+def not_applicable_reason(cls: type, teacher_classes: list[str] | None, classes: list[str] | None = None) -> str | None:
+    """Why method ``cls`` cannot run with a teacher of ``teacher_classes`` (None: no teacher) on data
+    of ``classes`` (None: not known yet), or None if it can. The builder refuses such a run; the
+    comparison grid records the cell as not applicable."""
+    if teacher_classes is None:
+        return f"'{cls.name}' needs a teacher" if cls.requires_teacher else None
+    if cls.needs_teacher_classes and not teacher_classes:
+        return (f"'{cls.name}' needs the teacher's class outputs, but the teacher is features-only "
+                "(imported without a classifier)")
+    if cls.needs_teacher_classes and classes is not None and sorted(teacher_classes) != sorted(classes):
+        return (f"'{cls.name}' uses the teacher's class outputs (logits or classifier), so it needs a teacher "
+                f"trained on the same classes (teacher: {', '.join(teacher_classes)}; data: {', '.join(classes)})")
+    return None
+
+
+def applicable_methods(teacher_classes: list[str] | None, classes: list[str] | None = None) -> list[str]:
+    """The registered methods that can run with this teacher on this data."""
+    return [name for name, cls in all_methods().items() if not_applicable_reason(cls, teacher_classes, classes) is None]
+
+
+def method_requirements(cls: type) -> str:
+    """What a method needs from the teacher, in words."""
+    if cls.needs_teacher_classes:
+        needs = "same classes as the teacher"
+    else:
+        needs = "any teacher" if cls.requires_teacher else "no teacher"
+    return needs + (", same architecture" if cls.requires_same_architecture else "")
+
+
+def method_defaults(cls: type) -> str:
+    """Default loss weights, parameters and requirements of a method, on one line."""
+    params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
+    weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
+    return f"{weights}; {params or 'no parameters'}; needs: {method_requirements(cls)}"
+
+
+def methods_markdown(methods: dict[str, type]) -> str:
+    """The method table of docs/methods.md (``moma methods --markdown``)."""
+    lines = ["| method | what it does | reference | defaults |", "|---|---|---|---|"]
+    lines += [f"| `{name}` | {cls.summary} | {cls.reference} | {method_defaults(cls)} |" for name, cls in methods.items()]
+    return "\n".join(lines)

@@ -99,7 +99,7 @@ class SimKD(DistillMethod):
     name = "simkd"
     summary = "reused teacher classifier: student's final map projected onto the teacher's (MSE), teacher's classifier"
     reference = "Chen et al., Knowledge Distillation with the Reused Teacher Classifier, CVPR 2022 (arXiv 2203.14001)"
-    logit_based = True  # the teacher's classifier must cover the data's classes
+    needs_teacher_classes = True  # the teacher's classifier must cover the data's classes
     default_ce_weight = 0.0
     default_kl_weight = 0.0
     student_has_unused_parameters = True  # the student's own classifier gets no gradient

@@ -16,7 +16,9 @@ from torch import nn
 
 from moma.distill.base import Batch, DistillMethod
 from moma.distill.kd import kd_loss
+from moma.models.deployed import DeployedClassifier
 from moma.models.taps import FeatureTap
+from moma.utils.collectives import unwrap_parallel
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +49,7 @@ class DistillationTask(nn.Module):
         method: DistillMethod,
         ce_weight: float,
         kl_weight: float,
-        temperature: float = 4.0,
+        kl_temperature: float = 4.0,
         label_smoothing: float = 0.0,
         teacher_input: InputAdapter | None = None,
         teacher_class_order: list[int] | None = None,
@@ -58,7 +60,7 @@ class DistillationTask(nn.Module):
         self.method = method
         self.ce_weight = ce_weight
         self.kl_weight = kl_weight
-        self.temperature = temperature
+        self.kl_temperature = kl_temperature
         self.label_smoothing = label_smoothing
         self.teacher_input = teacher_input or nn.Identity()
         # Teacher logit columns reordered to the student's class order (same classes, other order).
@@ -98,7 +100,7 @@ class DistillationTask(nn.Module):
         if self.ce_weight:
             terms["ce"] = F.cross_entropy(logits.float(), batch.target, label_smoothing=self.label_smoothing)
         if self.kl_weight and teacher_out is not None:
-            terms["kl"] = kd_loss(student_out.logits, teacher_out.logits, self.temperature)
+            terms["kl"] = kd_loss(student_out.logits, teacher_out.logits, self.kl_temperature)
         weights = self.loss_weights()
         loss = sum(weights[name] * value for name, value in terms.items() if weights.get(name, 0.0))
         if not isinstance(loss, torch.Tensor):  # every weight is zero: still a graph to back-propagate
@@ -108,29 +110,8 @@ class DistillationTask(nn.Module):
     @property
     def student_tap(self) -> FeatureTap:
         """The student tap, unwrapped from DistributedDataParallel if it is wrapped."""
-        return getattr(self.student, "module", self.student)
+        return unwrap_parallel(self.student)
 
     def inference_model(self) -> nn.Module:
         """The deliverable: the student network, with the method's replacement head if it has one."""
         return DeployedClassifier(self.student_tap.model, self.method.deploy_head())
-
-
-class DeployedClassifier(nn.Module):
-    """A timm classifier, optionally with a replacement head fed by ``forward_features``."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module | None = None):
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.head is None:
-            return self.backbone(x)
-        return self.head(self.backbone.forward_features(x))
-
-    def deploy_state_dict(self) -> dict[str, torch.Tensor]:
-        """Plain timm keys for the backbone (loadable by ``timm.create_model``) + ``deploy_head.*``."""
-        state = dict(self.backbone.state_dict())
-        if self.head is not None:
-            state.update({f"deploy_head.{k}": v for k, v in self.head.state_dict().items()})
-        return state

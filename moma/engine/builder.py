@@ -16,12 +16,12 @@ from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_sp
 from moma.data.subsample import subsample_train
 from moma.data.tiles import TileTable, scan_tiles
 from moma.data.transforms import build_eval_transform, build_train_transform
-from moma.distill.base import MethodContext
-from moma.distill.registry import all_methods, get_method
+from moma.distill.base import DistillMethod, MethodContext, MethodParams
+from moma.distill.registry import applicable_methods, get_method, not_applicable_reason
 from moma.distill.task import DistillationTask, InputAdapter
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.errors import CheckpointError, ConfigError
-from moma.models.backbone import create_backbone, load_backbone_weights, read_state_dict
+from moma.models.backbone import create_backbone, load_backbone_weights, read_state_dict, same_architecture
 from moma.models.taps import FeatureTap, TapOutputs, num_stages
 
 log = logging.getLogger(__name__)
@@ -92,31 +92,50 @@ def load_teacher(path: str | Path) -> Teacher:
     return Teacher(FeatureTap(model), meta, state)
 
 
-def build_student(cfg: Config, num_classes: int, teacher: Teacher | None) -> tuple[nn.Module, str]:
-    """The student network and a description of where its initial weights came from."""
-    model = create_backbone(cfg.model.arch, num_classes, cfg.model.drop_rate)
+def _check_same_architecture(cfg: Config, method_cls: type[DistillMethod], teacher: Teacher) -> None:
+    student = create_backbone(cfg.model.arch, teacher.meta.num_classes)
+    if not same_architecture(student, teacher.tap.model):
+        raise ConfigError(
+            f"distill.method '{method_cls.name}' needs a teacher of the student's architecture (teacher: "
+            f"{teacher.meta.arch}, student: {cfg.model.arch}); set model.arch={teacher.meta.arch} or choose another method"
+        )
+
+
+def _check_teacher_init(cfg: Config, teacher: Teacher | None) -> None:
+    if teacher is None:
+        raise ConfigError("distill.student_init=teacher needs distill.teacher")
+    if teacher.meta.arch != cfg.model.arch:
+        raise ConfigError(
+            f"distill.student_init=teacher: teacher is {teacher.meta.arch}, student is {cfg.model.arch}; "
+            "use student_init=scratch or the same model.arch"
+        )
+
+
+def student_weights_file(cfg: Config) -> str | None:
+    """The weights file the student starts from, if it starts from one."""
     init = cfg.distill.student_init
     if init == "auto":
-        if cfg.model.weights:
-            init = cfg.model.weights
-        elif teacher is not None and teacher.meta.arch == cfg.model.arch:
-            init = "teacher"
-        else:
-            init = "scratch"
+        return cfg.model.weights
+    return None if init in ("teacher", "scratch") else init
+
+
+def build_student(cfg: Config, num_classes: int, teacher: Teacher | None,
+                  weights: dict[str, torch.Tensor] | None = None) -> tuple[nn.Module, str]:
+    """The student network and a description of where its initial weights came from. ``weights``:
+    the contents of :func:`student_weights_file` (read here when not given)."""
+    model = create_backbone(cfg.model.arch, num_classes, cfg.model.drop_rate)
+    weights_file = student_weights_file(cfg)
+    if weights_file:
+        weights = weights if weights is not None else read_state_dict(weights_file)
+        dropped = load_backbone_weights(model, weights, f"weights file {weights_file}")
+        return model, f"weights file {weights_file}" + (" (classifier re-initialised)" if dropped else "")
+    init = cfg.distill.student_init
+    if init == "auto":
+        init = "teacher" if teacher is not None and teacher.meta.arch == cfg.model.arch else "scratch"
     if init == "scratch":
         return model, "random initialisation"
-    if init == "teacher":
-        if teacher is None:
-            raise ConfigError("distill.student_init=teacher needs distill.teacher")
-        if teacher.meta.arch != cfg.model.arch:
-            raise ConfigError(
-                f"distill.student_init=teacher: teacher is {teacher.meta.arch}, student is {cfg.model.arch}; "
-                "use student_init=scratch or the same model.arch"
-            )
-        dropped = load_backbone_weights(model, teacher.state, "teacher checkpoint")
-        return model, "teacher weights" + (" (classifier re-initialised)" if dropped else "")
-    dropped = load_backbone_weights(model, read_state_dict(init), f"weights file {init}")
-    return model, f"weights file {init}" + (" (classifier re-initialised)" if dropped else "")
+    dropped = load_backbone_weights(model, teacher.state, "teacher checkpoint")
+    return model, "teacher weights" + (" (classifier re-initialised)" if dropped else "")
 
 
 def _probe(tap: FeatureTap, image_size: int, device: torch.device) -> TapOutputs:
@@ -139,40 +158,67 @@ def _teacher_class_order(teacher_classes: list[str], classes: list[str]) -> list
 
 def check_resolution(cfg: Config, meta: ModelMetadata, origin: str) -> None:
     """Warn when tiles differ in size or microns per pixel from what a model was trained on."""
-    if meta.mpp and cfg.data.mpp and abs(meta.mpp - cfg.data.mpp) / meta.mpp > 0.1:
+    if meta.mpp_differs(cfg.data.mpp):
         log.warning("%s was trained at %.3g um/px but data.mpp is %.3g um/px: features may not transfer", origin, meta.mpp, cfg.data.mpp)
     if meta.image_size != cfg.data.image_size:
         log.warning("%s was trained on %d px tiles, this run uses %d px", origin, meta.image_size, cfg.data.image_size)
 
 
-def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device,
-               train_targets: torch.Tensor | None = None, total_steps: int | None = None) -> tuple[DistillationTask, dict]:
-    """The distillation task for this config, on ``device``; also a dict describing the setup.
-    ``train_targets``: the class index of each training row (methods that sample by class use it);
-    ``total_steps``: optimiser steps of the run (methods with schedules tied to it use it)."""
+@dataclass
+class DistillSetup:
+    """The distillation side of a run, read and checked before any data is: the method, its
+    parameters and the teacher (its checkpoint loaded and its weights fitted to its architecture)."""
+
+    method_cls: type[DistillMethod]
+    params: MethodParams
+    teacher: Teacher | None
+    student_weights: dict[str, torch.Tensor] | None = None  # from a weights file (model.weights, student_init)
+
+
+def resolve_method(cfg: Config) -> tuple[type[DistillMethod], MethodParams]:
+    """The configured method and its validated ``distill.params`` (what ``moma config`` checks)."""
     method_cls = get_method(cfg.distill.method)
-    params = method_cls.parse_params(cfg.distill.params)
+    return method_cls, method_cls.parse_params(cfg.distill.params)
+
+
+def prepare_distillation(cfg: Config) -> DistillSetup:
+    """Everything about the distillation that can be checked without the data, so that a bad
+    method, parameter or teacher fails before any tile is read."""
+    method_cls, params = resolve_method(cfg)
     teacher = load_teacher(cfg.distill.teacher) if cfg.distill.teacher else None
-    if method_cls.requires_teacher and teacher is None:
-        raise ConfigError(f"distill.method '{method_cls.name}' needs a teacher: set distill.teacher (or --teacher) to a checkpoint")
+    teacher_classes = None if teacher is None else teacher.meta.class_names
+    reason = not_applicable_reason(method_cls, teacher_classes)
+    if reason:  # without the data: a missing teacher, or a features-only one for a logit method
+        fix = ("set distill.teacher (or --teacher) to a checkpoint" if teacher is None
+               else f"methods that can use this teacher: {', '.join(applicable_methods(teacher_classes))}")
+        raise ConfigError(f"distill.method {reason}; {fix}")
     if teacher is not None:
         check_resolution(cfg, teacher.meta, f"teacher {cfg.distill.teacher}")
-    if teacher is not None and method_cls.logit_based and not teacher.meta.class_names:
-        usable = [name for name, cls in all_methods().items() if cls.requires_teacher and not cls.logit_based]
-        raise ConfigError(
-            f"distill.method '{method_cls.name}' needs the teacher's class outputs, but teacher {cfg.distill.teacher} "
-            f"is features-only (imported without a classifier); use a feature method: {', '.join(usable)}"
-        )
+        if method_cls.requires_same_architecture:
+            _check_same_architecture(cfg, method_cls, teacher)
+    if cfg.distill.student_init == "teacher":
+        _check_teacher_init(cfg, teacher)
+    weights_file = student_weights_file(cfg)
+    weights = read_state_dict(weights_file) if weights_file else None
+    return DistillSetup(method_cls, params, teacher, weights)
+
+
+def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device,
+               train_targets: torch.Tensor | None = None, setup: DistillSetup | None = None,
+               total_steps: int | None = None) -> tuple[DistillationTask, dict]:
+    """The distillation task for this config, on ``device``; also a dict describing the setup.
+    ``train_targets``: the class index of each training row (methods that sample by class use it).
+    ``setup``: from :func:`prepare_distillation` (called here when not given).
+    ``total_steps``: optimiser steps of the run (methods with schedules tied to it use it)."""
+    setup = setup if setup is not None else prepare_distillation(cfg)
+    method_cls, params, teacher = setup.method_cls, setup.params, setup.teacher
     same_labels = teacher is not None and sorted(teacher.meta.class_names) == sorted(classes)
-    if method_cls.logit_based and not same_labels:
-        usable = [name for name, cls in all_methods().items() if not cls.logit_based]
-        raise ConfigError(
-            f"distill.method '{method_cls.name}' uses the teacher's class outputs (logits or classifier), so it "
-            f"needs a teacher trained on the same classes (teacher: {', '.join(teacher.meta.class_names)}; "
-            f"data: {', '.join(classes)}). "
-            f"Methods that work across label sets: {', '.join(usable)}"
-        )
-    student_model, init_note = build_student(cfg, len(classes), teacher)
+    teacher_classes = None if teacher is None else teacher.meta.class_names
+    reason = not_applicable_reason(method_cls, teacher_classes, classes)
+    if reason:
+        usable = ", ".join(applicable_methods(teacher_classes, classes))
+        raise ConfigError(f"distill.method {reason}. Methods that work across label sets: {usable}")
+    student_model, init_note = build_student(cfg, len(classes), teacher, setup.student_weights)
     student = FeatureTap(student_model).to(device)
     teacher_tap = teacher.tap.to(device) if (teacher is not None and method_cls.requires_teacher) else None
     class_order = _teacher_class_order(teacher.meta.class_names, classes) if same_labels else None
@@ -203,7 +249,7 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         if not adapter.identity:
             log.info("teacher was trained with other normalisation statistics: its input is re-normalised")
     task = DistillationTask(
-        student, teacher_tap, method, ce_weight=ce_weight, kl_weight=kl_weight, temperature=cfg.distill.temperature,
+        student, teacher_tap, method, ce_weight=ce_weight, kl_weight=kl_weight, kl_temperature=cfg.distill.kl_temperature,
         label_smoothing=cfg.optim.label_smoothing, teacher_input=adapter,
         teacher_class_order=class_order,
     ).to(device)

@@ -1,34 +1,30 @@
-"""Checkpoints.
+"""Model checkpoints (``best.safetensors``, ``last.safetensors``), written atomically.
 
-Two kinds, both written atomically (temporary file + rename):
-
-- the *model checkpoint* (``best.safetensors``, ``last.safetensors``): the deployable student's
-  weights in safetensors, with metadata (architecture, class names, tile size, microns per pixel,
-  normalisation, deploy head, config, versions) in the safetensors header under the key ``moma``.
-  The backbone keys are plain timm keys, so ``timm.create_model(arch)`` can load them directly.
-- the *training state* (``state.pt``): everything needed to resume (the whole distillation task
-  with teacher, heads and queues; optimiser; scheduler; grad scaler; RNG states; history).
+The deployable student's weights in safetensors, with metadata (architecture, class names, tile
+size, microns per pixel, normalisation, deploy head, config, versions) in the safetensors header
+under the key ``moma``. The backbone keys are plain timm keys, so ``timm.create_model(arch)`` can
+load them directly. The training state a run resumes from is :mod:`moma.engine.state`.
 """
 
 from __future__ import annotations
 
 import json
 import platform
-import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from moma.engine.io import atomic_path
+from moma.engine.layout import BEST_NAME
 from moma.errors import CheckpointError
+from moma.utils.io import atomic_path
 
 FORMAT_VERSION = 1
 METADATA_KEY = "moma"
+MPP_TOLERANCE = 0.1  # relative difference in microns per pixel that is worth a warning
 
 
 def versions() -> dict[str, str]:
@@ -63,6 +59,10 @@ class ModelMetadata:
     @property
     def num_classes(self) -> int:
         return len(self.class_names)
+
+    def mpp_differs(self, mpp: float | None) -> bool:
+        """True when both resolutions are known and ``mpp`` is more than 10% off the model's."""
+        return bool(self.mpp and mpp and abs(self.mpp - mpp) / self.mpp > MPP_TOLERANCE)
 
     @classmethod
     def from_dict(cls, data: dict, origin: str) -> "ModelMetadata":
@@ -108,38 +108,7 @@ def _checkpoint_file(path: str | Path) -> Path:
     """Accept a checkpoint file or a run folder (then its best.safetensors)."""
     path = Path(path)
     if path.is_dir():
-        path = path / "best.safetensors"
+        path = path / BEST_NAME
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} not found (give a .safetensors file or a run folder)")
     return path
-
-
-def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-
-
-def load_training_state(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.is_file():
-        raise CheckpointError(f"training state {path} not found: this run has no completed epoch to resume from")
-    try:
-        # Our own file: it holds optimiser state and RNG tuples, which need full unpickling.
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise CheckpointError(f"training state {path}: cannot be read ({exc})") from None

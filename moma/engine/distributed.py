@@ -30,6 +30,7 @@ from torch import nn
 from torch.utils.data import Sampler
 
 from moma.errors import ConfigError, MomaError
+from moma.utils.collectives import unwrap_parallel
 
 T = TypeVar("T")
 
@@ -59,11 +60,6 @@ class DistInfo:
             return cls()
         return cls(rank=int(os.environ["RANK"]), world_size=world, local_rank=int(os.environ.get("LOCAL_RANK", 0)),
                    local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", world)))
-
-
-def is_distributed() -> bool:
-    """True inside an initialised process group of two or more processes."""
-    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def collective_timeout() -> datetime.timedelta:
@@ -203,8 +199,8 @@ def wrap_task(task: nn.Module, info: DistInfo, device: torch.device) -> nn.Modul
     if task.teacher is not None:
         broadcast_module_state(task.teacher, info)
     device_ids = [device.index] if device.type == "cuda" else None
-    unused = getattr(task.method, "student_has_unused_parameters", False)
-    task.student = DDP(task.student, device_ids=device_ids, find_unused_parameters=unused)
+    task.student = DDP(task.student, device_ids=device_ids,
+                       find_unused_parameters=task.method.student_has_unused_parameters)
     return task
 
 
@@ -213,7 +209,7 @@ def unwrapped_student(task: nn.Module):
     """The task with its plain student tap for the duration (no ``module.`` in state-dict keys), so
     that a training state is the same whatever the number of processes that wrote or reads it."""
     wrapped = task.student
-    plain = getattr(wrapped, "module", wrapped)
+    plain = unwrap_parallel(wrapped)
     if plain is wrapped:
         yield task
         return
@@ -262,71 +258,3 @@ def mean_across_ranks(values: dict[str, float], device: torch.device, info: Dist
     dist.all_reduce(tensor)
     tensor /= info.world_size
     return dict(zip(keys, tensor.tolist()))
-
-
-# ----------------------------------------------------------------------------- gathering rows
-
-
-def gather_sizes(rows: int, device: torch.device) -> list[int]:
-    """The number of rows every rank holds (one process: ``[rows]``)."""
-    if not is_distributed():
-        return [rows]
-    mine = torch.tensor([rows], dtype=torch.long, device=device)
-    every = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
-    dist.all_gather(every, mine)
-    return [int(n) for n in every]
-
-
-def all_gather_rows(tensor: torch.Tensor, sizes: list[int] | None = None) -> torch.Tensor:
-    """The rows of every rank, concatenated in rank order; ranks may hold different numbers of rows
-    (``sizes``, gathered when not given). One process: the tensor itself. No gradient flows
-    through the gathered rows (keys, memory-bank updates and predictions need none)."""
-    if not is_distributed():
-        return tensor
-    sizes = sizes if sizes is not None else gather_sizes(tensor.shape[0], tensor.device)
-    longest = max(sizes)
-    source = tensor.detach().contiguous()
-    if source.shape[0] < longest:
-        padded = source.new_zeros((longest, *source.shape[1:]))
-        padded[:source.shape[0]] = source
-        source = padded
-    parts = [torch.empty_like(source) for _ in sizes]
-    dist.all_gather(parts, source)
-    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
-
-
-def rank_offsets(sizes: list[int]) -> list[int]:
-    """Where each rank's rows start in the rows of all ranks."""
-    starts, total = [], 0
-    for n in sizes:
-        starts.append(total)
-        total += n
-    return starts
-
-
-def rank_rows(rows: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-    """The block of ``rows`` (all ranks', in rank order) that belongs to ``rank``."""
-    start = rank_offsets(sizes)[rank]
-    return rows[start:start + sizes[rank]]
-
-
-def shuffled_slice(order: torch.Tensor, sizes: list[int], rank: int) -> torch.Tensor:
-    """Shuffle BN (MoCo, He et al. CVPR 2020, sec. 3.3): the global-batch rows that ``rank`` runs
-    through the key encoder, i.e. its block of the shared permutation ``order``."""
-    return rank_rows(order, sizes, rank)
-
-
-def unshuffle(rows: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
-    """Undo a shuffle: ``rows[j]`` belongs to global sample ``order[j]``; the result is in sample
-    order (``out[order[j]] = rows[j]``)."""
-    out = torch.empty_like(rows)
-    out[order] = rows
-    return out
-
-
-def shared_permutation(n: int, device: torch.device) -> torch.Tensor:
-    """A random permutation of ``n`` drawn on rank 0 and broadcast, so every rank holds the same."""
-    order = torch.randperm(n, device=device)
-    if is_distributed():
-        dist.broadcast(order, src=0)
-    return order

@@ -14,9 +14,10 @@ from tqdm import tqdm
 
 from moma.data.dataset import TileDataset
 from moma.engine.device import autocast
-from moma.engine.io import atomic_write_json, atomic_write_text
+from moma.engine.layout import report_file
 from moma.engine.plots import plot_confusion
 from moma.metrics import compute_metrics
+from moma.utils.io import atomic_write_json, atomic_write_text
 
 
 @torch.no_grad()
@@ -68,8 +69,8 @@ def predictions_frame(dataset: TileDataset, probs: np.ndarray, class_names: list
 def write_report(out_dir: Path, tag: str, metrics: dict, dataset: TileDataset, probs: np.ndarray, title: str) -> None:
     """metrics_<tag>.json, confusion_<tag>.png/.csv and predictions_<tag>.csv."""
     names = metrics["class_names"]
-    atomic_write_json(out_dir / f"metrics_{tag}.json", metrics)
+    atomic_write_json(out_dir / report_file("metrics", tag), metrics)
     cm = pd.DataFrame(metrics["confusion_matrix"], index=[f"true_{n}" for n in names], columns=[f"pred_{n}" for n in names])
-    atomic_write_text(out_dir / f"confusion_{tag}.csv", cm.to_csv())
-    plot_confusion(metrics["confusion_matrix"], names, out_dir / f"confusion_{tag}.png", title=title)
-    atomic_write_text(out_dir / f"predictions_{tag}.csv", predictions_frame(dataset, probs, names).to_csv(index=False))
+    atomic_write_text(out_dir / report_file("confusion_csv", tag), cm.to_csv())
+    plot_confusion(metrics["confusion_matrix"], names, out_dir / report_file("confusion_png", tag), title=title)
+    atomic_write_text(out_dir / report_file("predictions", tag), predictions_frame(dataset, probs, names).to_csv(index=False))

@@ -24,7 +24,7 @@ from torch import nn
 
 from moma.engine.checkpoint import ModelMetadata
 from moma.engine.inference import load_classifier
-from moma.engine.io import atomic_path
+from moma.utils.io import atomic_path
 from moma.engine.onnx_runtime import INPUT_NAME, LOGITS_NAME, METADATA_KEY, PROBS_NAME, open_session
 from moma.errors import CheckpointError, ConfigError
 

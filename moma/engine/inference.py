@@ -14,12 +14,13 @@ from moma.data.splits import apply_split, load_split
 from moma.data.tiles import TileTable, is_image_file, scan_tiles
 from moma.data.transforms import build_eval_transform
 from moma.distill.registry import get_method
-from moma.distill.task import DeployedClassifier
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_report, eval_loader
-from moma.engine.io import atomic_write_text
+from moma.engine.layout import EVAL_TAG
 from moma.errors import CheckpointError, DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
+from moma.models.deployed import DeployedClassifier, split_deploy_state
+from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -34,12 +35,11 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
         raise CheckpointError(f"checkpoint {path} is a features-only teacher (no classifier): it cannot classify "
                               "tiles; use it as --teacher for a feature method")
     backbone = create_backbone(meta.arch, meta.num_classes)
+    backbone_state, head_state = split_deploy_state(state)
     head = None
     if meta.head is not None:
         head = get_method(meta.head["method"]).build_deploy_head(meta.head["spec"])
-        head_state = {k.removeprefix("deploy_head."): v for k, v in state.items() if k.startswith("deploy_head.")}
         head.load_state_dict(head_state)
-    backbone_state = {k: v for k, v in state.items() if not k.startswith("deploy_head.")}
     load_backbone_weights(backbone, backbone_state, f"checkpoint {path}", new_classifier_ok=False)
     model = DeployedClassifier(backbone, head).to(device).eval()
     return model, meta
@@ -50,7 +50,7 @@ def eval_transform(meta: ModelMetadata):
 
 
 def _check_data_resolution(meta: ModelMetadata, mpp: float | None) -> None:
-    if meta.mpp and mpp and abs(meta.mpp - mpp) / meta.mpp > 0.1:
+    if meta.mpp_differs(mpp):
         log.warning("the model was trained at %.3g um/px but the data is %.3g um/px: expect worse results", meta.mpp, mpp)
 
 
@@ -69,7 +69,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: Path,
                           progress=progress, description="tiles")
     metrics, probs = evaluate(model, dataset, device, batch_size=batch_size, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, "eval", metrics, dataset, probs, title=f"{Path(data).name}: {meta.arch}")
+    write_report(out_dir, EVAL_TAG, metrics, dataset, probs, title=f"{Path(data).name}: {meta.arch}")
     return metrics
 
 

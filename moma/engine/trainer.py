@@ -1,5 +1,9 @@
 """The one training loop, for supervised training and every distillation method.
 
+The optimiser and learning-rate schedule are :mod:`moma.engine.schedule`, the resumable state
+:mod:`moma.engine.state`, and creating or reopening the run folder around a run
+:mod:`moma.engine.runs`.
+
 Per epoch: train (seeded per epoch, so a resumed run replays the same epoch exactly), validate,
 write one row of ``summary.csv``, keep the best-by-validation deployable checkpoint, and save the
 full training state. At the end the best and the last model are evaluated on the test split;
@@ -18,7 +22,6 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -31,78 +34,37 @@ from tqdm import tqdm
 from moma.config import Config
 from moma.distill.base import Batch
 from moma.engine import distributed as dist_utils
-from moma.engine.builder import DataBundle, build_data, build_task
-from moma.engine.checkpoint import (
-    ModelMetadata,
-    load_training_state,
-    rng_state,
-    save_model_checkpoint,
-    save_training_state,
-    set_rng_state,
-)
+from moma.engine.builder import DataBundle, build_data, build_task, prepare_distillation
+from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
 from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
-from moma.engine.io import atomic_write_json, atomic_write_text
-from moma.engine.plots import plot_curves
-from moma.engine.runs import (
+from moma.engine.layout import (
     BEST_NAME,
+    CURVES_NAME,
     LAST_NAME,
     METRICS_NAME,
     SPLIT_NAME,
     STATE_NAME,
     SUMMARY_NAME,
-    attach_log_file,
-    create_run_dir,
-    write_run_info,
+    TENSORBOARD_DIR,
+)
+from moma.engine.plots import plot_curves
+from moma.engine.schedule import build_optimizer, build_scheduler, restart_schedule
+from moma.engine.state import (
+    StepTimes,
+    TrainState,
+    load_matching,
+    load_training_state,
+    rng_state,
+    save_training_state,
+    set_rng_state,
 )
 from moma.errors import MomaError
 from moma.metrics import summary
+from moma.utils.collectives import all_gather_rows, unshuffle
+from moma.utils.io import atomic_write_json, atomic_write_text
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class StepTimes:
-    """Wall-clock seconds per step, split into data wait, compute and the method's extras."""
-
-    data: float = 0.0
-    compute: float = 0.0
-    extras: float = 0.0
-    steps: int = 0
-    images: int = 0
-
-    def as_dict(self) -> dict[str, float]:
-        n = max(self.steps, 1)
-        total = self.data + self.compute
-        return {
-            "data_wait_ms": 1000 * self.data / n,
-            "forward_backward_ms": 1000 * (self.compute - self.extras) / n,
-            "distill_extras_ms": 1000 * self.extras / n,
-            "data_wait_share": self.data / total if total else 0.0,
-            "images_per_second": self.images / total if total else 0.0,
-        }
-
-
-@dataclass
-class TrainState:
-    epoch: int = 0  # epochs completed
-    best_score: float = -math.inf
-    best_epoch: int = 0
-    history: list[dict] = field(default_factory=list)
-    times: StepTimes = field(default_factory=StepTimes)
-
-
-def build_optimizer(cfg: Config, params, global_batch: int) -> torch.optim.Optimizer:
-    lr = cfg.optim.effective_lr(global_batch)
-    if cfg.optim.optimizer == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)
-    return torch.optim.SGD(params, lr=lr, momentum=cfg.optim.momentum, weight_decay=cfg.optim.weight_decay)
-
-
-def cosine_factor(progress: float, base_lr: float, min_lr: float) -> float:
-    """Cosine from base_lr to min_lr, as a multiplier of base_lr."""
-    floor = min(min_lr / base_lr, 1.0) if base_lr > 0 else 0.0
-    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class Trainer:
@@ -115,14 +77,18 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.channels_last = self.device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
         self.progress = cfg.train.progress and self.dist.is_main
+        # Read (and check) the state to resume from before any data is scanned.
+        self._saved_state = load_training_state(run_dir / STATE_NAME) if resume else None
         configure_determinism(cfg.run.deterministic)
         seed_everything(cfg.run.seed)
 
+        setup = prepare_distillation(cfg)  # a bad teacher or method fails before the data scan
         self.data: DataBundle = build_data(cfg, run_dir / SPLIT_NAME, progress=self.progress)
         self.steps_per_epoch = self._steps_per_epoch()
         self.total_steps = sum(self._round_steps(epoch) for epoch in range(cfg.optim.epochs))
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
-                                                train_targets=self.data.train.targets, total_steps=self.total_steps)
+                                                train_targets=self.data.train.targets, setup=setup,
+                                                total_steps=self.total_steps)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -132,7 +98,7 @@ class Trainer:
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
         self.optimizer = build_optimizer(cfg, self.task.trainable_parameters(), self.global_batch)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_lambda)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
@@ -142,18 +108,6 @@ class Trainer:
         self._loader: DataLoader | None = None
 
     # ----------------------------------------------------------------- setup helpers
-    def _lr_lambda(self, step: int) -> float:
-        o = self.cfg.optim
-        warmup = o.warmup_epochs * self.steps_per_epoch
-        if step < warmup:
-            return (step + 1) / warmup
-        if o.scheduler == "constant":
-            return 1.0
-        if o.scheduler == "step":
-            return 0.1 ** sum(step // self.steps_per_epoch >= e for e in o.step_epochs)
-        total = max(1, self.total_steps - warmup)
-        return cosine_factor(min(1.0, (step - warmup) / total), self.base_lr, o.min_lr)
-
     def _num_workers(self) -> int:
         workers = self.cfg.data.num_workers
         if workers == "auto":
@@ -266,9 +220,9 @@ class Trainer:
         save_training_state(self.run_dir / STATE_NAME, state)
 
     def load_state(self) -> None:
-        state = load_training_state(self.run_dir / STATE_NAME)
+        state, self._saved_state = self._saved_state, None
         with dist_utils.unwrapped_student(self.task) as task:
-            task.load_state_dict(state["task"])
+            load_matching(task, state["task"], self.run_dir / STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
@@ -290,12 +244,8 @@ class Trainer:
         log.warning("resuming a run of %d process(es) with %d: global batch %d -> %d; the learning-rate schedule "
                     "continues at epoch %d with this run's steps per epoch", saved_world, self.dist.world_size,
                     self.cfg.optim.batch_size * saved_world, self.global_batch, epochs_done + 1)
-        step = epochs_done * self.steps_per_epoch
-        self.scheduler.base_lrs = [self.base_lr for _ in self.optimizer.param_groups]
-        self.scheduler.last_epoch = step
-        for group in self.optimizer.param_groups:
-            group["initial_lr"] = self.base_lr
-            group["lr"] = self.base_lr * self._lr_lambda(step)
+        restart_schedule(self.scheduler, self.optimizer, self.base_lr, epochs_done * self.steps_per_epoch,
+                         self.scheduler.lr_lambdas[0])
 
     # ----------------------------------------------------------------- the loop
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -388,9 +338,9 @@ class Trainer:
         shard = Subset(val, range(rank, len(val), world))
         loader = eval_loader(shard, batch_size, num_workers=self._eval_workers(), pin_memory=self.device.type == "cuda")
         probs, _ = predict_probs(model, loader, self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
-        gathered = dist_utils.all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
+        gathered = all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
         order = torch.cat([torch.arange(r, len(val), world) for r in range(world)])
-        probs = dist_utils.unshuffle(gathered, order).numpy()
+        probs = unshuffle(gathered, order).numpy()
         return metrics_from_probs(val.targets.numpy(), probs, val.classes)
 
     def _log_epoch(self, epoch: int, seconds: float, train: dict, val: dict) -> dict:
@@ -415,7 +365,7 @@ class Trainer:
         if self.dist.is_main and self.cfg.train.tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(str(self.run_dir / "tensorboard"))
+            self.writer = SummaryWriter(str(self.run_dir / TENSORBOARD_DIR))
         epochs = self.cfg.optim.epochs
         bar = tqdm(total=epochs, initial=self.state.epoch, desc="training", unit="epoch", disable=not self.progress)
         for epoch in range(self.state.epoch, epochs):
@@ -425,8 +375,10 @@ class Trainer:
             val = self.validate()
             row = self._log_epoch(epoch, time.perf_counter() - start, train, val)
             score = val[self.cfg.train.select_metric]
-            if score > self.state.best_score:
-                self.state.best_score, self.state.best_epoch = score, epoch + 1
+            # AUC is NaN on a validation split of one class: such an epoch ranks lowest, but some epoch is best.
+            rank = score if math.isfinite(score) else -math.inf
+            if rank > self.state.best_score or self.state.best_epoch == 0:
+                self.state.best_score, self.state.best_epoch = rank, epoch + 1
                 if self.dist.is_main:  # only rank 0 writes checkpoints and the training state
                     self.best_weights = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
                     save_model_checkpoint(self.run_dir / BEST_NAME, self.best_weights, self.metadata(epoch + 1, val))
@@ -458,10 +410,10 @@ class Trainer:
         last_state = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
         model = copy.deepcopy(self.task.inference_model())
         for tag, weights in (("best", self.best_weights), ("last", last_state)):
-            _load_deploy_state(model, weights)
-            results[tag] = {"val": summary(self._evaluate_split(model, "val", tag)[0])}
+            model.load_deploy_state_dict(weights)
+            results[tag] = {"val": summary(self._evaluate_split(model, "val")[0])}
             if self.data.test is not None:
-                metrics, probs = self._evaluate_split(model, "test", tag)
+                metrics, probs = self._evaluate_split(model, "test")
                 write_report(self.run_dir, f"test_{tag}", metrics, self.data.test, probs,
                              title=f"test, {tag} model (epoch {self.state.best_epoch if tag == 'best' else self.state.epoch})")
                 results[tag]["test"] = metrics
@@ -475,10 +427,10 @@ class Trainer:
         results["history"] = self.state.history  # every epoch's row of summary.csv
         results["skipped_tiles"] = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
         atomic_write_json(self.run_dir / METRICS_NAME, results)
-        plot_curves(pd.DataFrame(self.state.history), self.run_dir / "curves.png", self.cfg.train.select_metric)
+        plot_curves(pd.DataFrame(self.state.history), self.run_dir / CURVES_NAME, self.cfg.train.select_metric)
         return results
 
-    def _evaluate_split(self, model, split: str, tag: str):
+    def _evaluate_split(self, model, split: str):
         dataset = self.data.val if split == "val" else self.data.test
         return evaluate(model, dataset, self.device, batch_size=max(64, self.cfg.optim.batch_size),
                         amp_dtype=self.amp_dtype, channels_last=self.channels_last)
@@ -492,13 +444,6 @@ def describe_times(times: StepTimes, workers: int) -> str:
             f"teacher + method {d['distill_extras_ms']:.1f} ms; {d['images_per_second']:.1f} images/s per process")
 
 
-def _load_deploy_state(model, weights: dict[str, torch.Tensor]) -> None:
-    backbone = {k: v for k, v in weights.items() if not k.startswith("deploy_head.")}
-    model.backbone.load_state_dict(backbone)
-    if model.head is not None:
-        model.head.load_state_dict({k.removeprefix("deploy_head."): v for k, v in weights.items() if k.startswith("deploy_head.")})
-
-
 def _peak_memory_mb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -508,79 +453,3 @@ def _peak_memory_mb(device: torch.device) -> float:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
     except (ImportError, AttributeError):
         return float("nan")
-
-
-def _remove_unused_run_dir(run_dir: Path) -> None:
-    """A run that failed before training leaves no empty folder behind (only its log was written)."""
-    leftovers = [p.name for p in run_dir.iterdir()]
-    if set(leftovers) <= {"train.log"}:
-        for p in run_dir.iterdir():
-            p.unlink()
-        run_dir.rmdir()
-
-
-def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | None = None) -> dict:
-    """Create (or reopen) the run folder and train. Returns the final results dict.
-
-    ``resume_dir`` continues an interrupted run there; ``run_dir`` names a new, empty folder to use
-    instead of one derived from run.output_dir/run.name (the comparison grid names its cells)."""
-    dist = dist_utils.DistInfo.from_env()
-    if not dist.enabled:
-        return _run_training(cfg, dist, resume_dir, run_dir)
-    device = resolve_device(cfg.run.device, dist.local_rank)
-    dist_utils.init_process_group(dist, use_cuda=device.type == "cuda")
-    package_log = logging.getLogger("moma")
-    level = package_log.level
-    if not dist.is_main:
-        package_log.setLevel(logging.WARNING)  # one copy of the progress log, from rank 0
-    try:
-        return _run_training(cfg, dist, resume_dir, run_dir)
-    except BaseException as exc:
-        # The other ranks fail in their next collective (gloo: the peer is gone) or at its timeout
-        # (NCCL); torchrun also stops them when this process exits non-zero.
-        log.error("rank %d of %d stopped: %s: %s", dist.rank, dist.world_size, type(exc).__name__, exc)
-        raise
-    finally:
-        package_log.setLevel(level)
-        dist_utils.destroy_process_group(dist)
-
-
-def _run_training(cfg: Config, dist: dist_utils.DistInfo, resume_dir: Path | None, run_dir: Path | None) -> dict:
-    if resume_dir is not None:
-        run_dir = Path(resume_dir)
-    elif run_dir is not None:
-        run_dir = dist_utils.broadcast_run_dir(lambda: _claim_empty_dir(Path(run_dir)), dist)
-    else:
-        run_dir = dist_utils.broadcast_run_dir(lambda: create_run_dir(cfg.run.output_dir, cfg.run.name), dist)
-    handler = attach_log_file(run_dir) if dist.is_main else None
-    try:
-        trainer = Trainer(cfg, run_dir, resume=resume_dir is not None)
-    except BaseException:
-        _detach(handler)
-        if resume_dir is None and dist.is_main:
-            _remove_unused_run_dir(run_dir)
-        raise
-    if dist.is_main and resume_dir is None:
-        from moma.data.splits import save_split
-
-        write_run_info(run_dir, cfg, {"setup": trainer.setup_info, "world_size": dist.world_size,
-                                      "device": str(trainer.device)})
-        save_split(trainer.data.split, run_dir / SPLIT_NAME)
-    try:
-        return trainer.fit()
-    finally:
-        trainer.close()
-        _detach(handler)
-
-
-def _claim_empty_dir(run_dir: Path) -> Path:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if any(run_dir.iterdir()):
-        raise MomaError(f"run folder {run_dir} is not empty; runs never overwrite each other")
-    return run_dir
-
-
-def _detach(handler: logging.Handler | None) -> None:
-    if handler is not None:
-        logging.getLogger().removeHandler(handler)
-        handler.close()

@@ -49,6 +49,12 @@ def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in data.items() if isinstance(v, torch.Tensor)}
 
 
+def same_architecture(a: nn.Module, b: nn.Module) -> bool:
+    """Same model class and the same parameter and buffer names and shapes."""
+    shapes = [{name: tuple(t.shape) for name, t in m.state_dict().items()} for m in (a, b)]
+    return type(a) is type(b) and shapes[0] == shapes[1]
+
+
 def load_backbone_weights(model: nn.Module, state: dict[str, torch.Tensor], origin: str,
                           new_classifier_ok: bool = True) -> list[str]:
     """Load ``state`` into a timm model. With ``new_classifier_ok``, classifier weights whose shape

@@ -22,9 +22,6 @@ class TapOutputs:
     features: dict[int, torch.Tensor] = field(default_factory=dict)  # stage index -> feature map
     feature_map: torch.Tensor | None = None  # output of forward_features (before pooling)
 
-    def stage(self, index: int) -> torch.Tensor:
-        return self.features[index]
-
 
 def num_stages(model: nn.Module) -> int:
     return len(model.feature_info) if hasattr(model, "feature_info") else 0
