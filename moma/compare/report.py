@@ -457,6 +457,25 @@ def label_savings_table(cfg: CompareConfig, paired: pd.DataFrame, settings: list
                  "(95% CI of Δ macro F1 above 0; Δ in brackets)")
 
 
+CONTRAST_COLUMNS = ["diag_nce", "diag_nce_chance", "diag_nce_retrieval", "diag_nce_query_cos", "diag_nce_key_cos",
+                    "diag_nce_query_norm"]
+
+
+def contrastive_table(results: pd.DataFrame, setting: str) -> Table:
+    """MoMA's diagnostics (docs/moma.md, "Which MoMA you get"), last epoch, mean over the runs of
+    each method that logged them: is its contrastive term still carrying information?"""
+    part = results[(results["setting"] == setting) & results["diag_nce"].notna()]
+    rows = []
+    for method, runs in part.groupby("method", sort=False):
+        share = (runs["diag_nce"] / runs["diag_nce_chance"]).mean()
+        rows.append([(method, False), (str(len(runs)), False), (_fmt(runs["val_macro_f1"].mean()), False),
+                     (_fmt(runs["diag_nce"].mean()), False), (f"{share:.1%}", share < 0.01 or share > 0.95),
+                     (_fmt(runs["diag_nce_retrieval"].mean()), False), (_fmt(runs["diag_nce_query_cos"].mean()), False),
+                     (_fmt(runs["diag_nce_key_cos"].mean()), False), (_fmt(runs["diag_nce_query_norm"].mean(), 2), False)])
+    return Table(["method", "runs", "val macro F1", "L_NCE", "L_NCE / ln(K+1)", "in-batch retrieval",
+                  "query cosine", "key cosine", "query norm"], rows)
+
+
 def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, paired: pd.DataFrame):
     """(heading level, heading, list of Tables / str paragraphs) in report order."""
     cfg = ctx.cfg
@@ -505,6 +524,17 @@ def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, p
                 if setting in set(part["setting"]):
                     title = f"{setting}: {size_words(cfg, size)}" if curve else setting
                     yield 3, title, [paired_table(part, setting), plain_words(part, setting, cfg.baseline)]
+    if set(CONTRAST_COLUMNS) <= set(results.columns) and results["diag_nce"].notna().any():
+        yield 2, "Contrastive term", [
+            "Last training epoch, mean over runs (summary.csv of each run has every epoch). L_NCE near 0 % of "
+            "its chance level ln(K+1) is a shortcut, near 100 % keys without per-sample signal (both in bold); "
+            "in-batch retrieval: share of queries whose best positive key in the batch is their own (chance "
+            "1/batch); cosines: mean pairwise cosine within a batch (1 = one vector)."
+            + (f" Runs with {size_words(cfg, sizes[-1])}." if curve else "")]
+        last = _at(results, sizes[-1])
+        for setting in settings:
+            if last[(last["setting"] == setting)]["diag_nce"].notna().any():
+                yield 3, setting, [contrastive_table(last, setting)]
     if any(c.startswith("ext_") for c in results.columns):
         yield 2, "External test", ["The same best-by-validation models on each setting's external data."]
         for setting in settings:
