@@ -67,7 +67,8 @@ def method_requirements(cls: type) -> str:
 
 def method_defaults(cls: type) -> str:
     """Default loss weights, parameters and requirements of a method, on one line."""
-    params = ", ".join(f"{name}={field.default}" for name, field in cls.Params.model_fields.items())
+    resolved = cls.Params().model_dump()  # as a run gets them (presets filled in)
+    params = ", ".join(f"{name}={value}" for name, value in resolved.items())
     weights = f"ce={cls.default_ce_weight:g}, kl={cls.default_kl_weight:g}"
     return f"{weights}; {params or 'no parameters'}; needs: {method_requirements(cls)}"
 
