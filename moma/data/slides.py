@@ -104,7 +104,7 @@ class Slide:
             raise DataError(f"{self.path} is not a slide OpenSlide can read (whole-slide formats: "
                             f"{', '.join(SLIDE_SUFFIXES)}, pyramidal tiled TIFF)") from None
         except openslide.OpenSlideError as exc:
-            raise DataError(f"slide {self.path} cannot be read ({exc}); is the file complete?") from None
+            raise DataError(f"slide {self.path} cannot be read ({exc}); the file may be damaged or incomplete") from None
         self.mpp = float(slide_mpp) if slide_mpp else self._metadata_mpp()
         self.dimensions: tuple[int, int] = self._osr.dimensions
         self.downsamples: tuple[float, ...] = tuple(self._osr.level_downsamples)
@@ -137,7 +137,7 @@ class Slide:
         try:
             region = self._osr.read_region((int(x), int(y)), level, (level_size, level_size))
         except _openslide().OpenSlideError as exc:
-            raise DataError(f"slide {self.path}: cannot read the region at ({x}, {y}) ({exc}); is the file complete?") from None
+            raise DataError(f"slide {self.path}: cannot read the region at ({x}, {y}) ({exc}); the file may be damaged or incomplete") from None
         image = _on_white(region)
         if level_size != out_size:
             image = image.resize((out_size, out_size), Image.Resampling.BILINEAR)
@@ -160,7 +160,7 @@ class Slide:
             try:
                 region = self._osr.read_region((0, int(first * level_ds)), level, (level_w, max(1, last - first)))
             except _openslide().OpenSlideError as exc:
-                raise DataError(f"slide {self.path} cannot be read ({exc}); is the file complete?") from None
+                raise DataError(f"slide {self.path} cannot be read ({exc}); the file may be damaged or incomplete") from None
             strip = _on_white(region).resize((out_w, bottom - top), Image.Resampling.BILINEAR)
             out[top:bottom] = np.asarray(strip, dtype=np.uint8)
         return out

@@ -163,8 +163,14 @@ def _write_tile(slide: Slide, out: Path, x: int, y: int, size: int, level: int, 
     os.replace(tmp, out)  # an interrupted run leaves no half-written tile behind
 
 
-# One open slide per worker process, kept between tasks of the same slide.
+# One open slide per worker process, kept between tasks of the same slide. Never inherited: an
+# OpenSlide handle shared across fork shares its file offset and locks with the parent.
 _worker_slide: Slide | None = None
+
+
+def _worker_init() -> None:
+    global _worker_slide
+    _worker_slide = None
 
 
 def _worker_task(task: tuple) -> int:
@@ -174,9 +180,13 @@ def _worker_task(task: tuple) -> int:
         if _worker_slide is not None:
             _worker_slide.close()
         _worker_slide = Slide(path, slide_mpp)
-    for out, x, y, size, level in jobs:
-        _write_tile(_worker_slide, out, x, y, size, level, tile_size)
+    _write_tiles(_worker_slide, tile_size, jobs)
     return len(jobs)
+
+
+def _write_tiles(slide: Slide, tile_size: int, jobs: list[tuple]) -> None:
+    for out, x, y, size, level in jobs:
+        _write_tile(slide, out, x, y, size, level, tile_size)
 
 
 def _check_params(out: Path, options: TilingOptions) -> None:
@@ -215,7 +225,7 @@ def tile_slides(slides: list[Path], out: Path, options: TilingOptions) -> Tiling
     out = Path(out)
     _check_params(out, options)
     summary = TilingSummary(manifest=out / MANIFEST_NAME)
-    pool = multiprocessing.get_context().Pool(options.workers) if options.workers > 0 else None
+    pool = multiprocessing.get_context().Pool(options.workers, initializer=_worker_init) if options.workers > 0 else None
     try:
         for path in slides:
             written, existing, total = _tile_one(path, out, options, pool)
@@ -241,14 +251,26 @@ def _tile_one(path: Path, out: Path, options: TilingOptions, pool) -> tuple[int,
     exists = np.array([(out / p).is_file() for p in frame["path"]], dtype=bool)
     jobs = [(out / p, int(x), int(y), int(s), int(lv))
             for p, x, y, s, lv in frame.loc[~exists, ["path", "x", "y", "size", "level"]].itertuples(index=False)]
-    bar = tqdm(total=len(frame), initial=int(exists.sum()), desc=plan.slide_id, unit="tile",
-               disable=not options.progress, leave=False)
     chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
-    tasks = ((plan.slide, plan.slide_mpp, options.tile_size, chunk) for chunk in chunks)
-    results = pool.imap_unordered(_worker_task, tasks) if pool is not None else map(_worker_task, tasks)
-    for done in results:
-        bar.update(done)
-    bar.close()
+    if pool is None:
+        with Slide(path, options.slide_mpp) as slide:
+            _follow(_in_process(slide, options.tile_size, chunks), plan, frame, exists, options)
+    else:
+        tasks = ((plan.slide, plan.slide_mpp, options.tile_size, chunk) for chunk in chunks)
+        _follow(pool.imap_unordered(_worker_task, tasks), plan, frame, exists, options)
     _update_manifest(out, plan.slide_id, frame)
     log.info("%s: %d tissue tile(s), %d written, %d already there", plan.slide_id, len(frame), len(jobs), int(exists.sum()))
     return len(jobs), int(exists.sum()), len(frame)
+
+
+def _in_process(slide: Slide, tile_size: int, chunks: list[list[tuple]]):
+    for chunk in chunks:
+        _write_tiles(slide, tile_size, chunk)
+        yield len(chunk)
+
+
+def _follow(results, plan: TilePlan, frame: pd.DataFrame, exists: np.ndarray, options: TilingOptions) -> None:
+    with tqdm(total=len(frame), initial=int(exists.sum()), desc=plan.slide_id, unit="tile",
+              disable=not options.progress, leave=False) as bar:  # closed on errors too: clean error line
+        for done in results:
+            bar.update(done)
