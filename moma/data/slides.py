@@ -137,7 +137,8 @@ class Slide:
         try:
             region = self._osr.read_region((int(x), int(y)), level, (level_size, level_size))
         except _openslide().OpenSlideError as exc:
-            raise DataError(f"slide {self.path}: cannot read the region at ({x}, {y}) ({exc}); the file may be damaged or incomplete") from None
+            raise DataError(f"slide {self.path}: cannot read the region at ({x}, {y}) ({exc}); "
+                            "the file may be damaged or incomplete") from None
         image = _on_white(region)
         if level_size != out_size:
             image = image.resize((out_size, out_size), Image.Resampling.BILINEAR)

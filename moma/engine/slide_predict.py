@@ -107,7 +107,8 @@ def _predict_plan(model, meta: ModelMetadata, plan: TilePlan, device: torch.devi
         dataset.close()
         if not ok.all():
             bad = frame.iloc[int(np.flatnonzero(~ok.astype(bool))[0])]
-            raise DataError(f"slide {plan.slide}: cannot read the region at ({bad['x']}, {bad['y']}); the file may be damaged or incomplete")
+            raise DataError(f"slide {plan.slide}: cannot read the region at ({bad['x']}, {bad['y']}); "
+                            "the file may be damaged or incomplete")
     frame["prediction"] = [names[i] for i in probs.argmax(axis=1)] if len(probs) else []
     for i, name in enumerate(names):
         frame[f"prob_{name}"] = np.round(probs[:, i], 6)
