@@ -232,3 +232,15 @@ def test_tile_train_predict_end_to_end(tmp_path):
     for png in ("s3_heatmap.png", "s3_heatmap_lung_scc.png"):
         with Image.open(out / png) as image:
             assert image.width > 400 and image.height > 200
+
+
+def test_thumbnail_in_strips_matches_the_thumbnail_in_one_piece(slide, monkeypatch):
+    import moma.data.slides as slides_module
+
+    with Slide(slide) as s:
+        whole = s.thumbnail(2.0).astype(int)
+        monkeypatch.setattr(slides_module, "_MAX_READ_PIXELS", 448 * 10)  # strips of 10 rows of level 1
+        strips = s.thumbnail(2.0).astype(int)
+    assert whole.shape == strips.shape == (256, 448, 3)
+    np.testing.assert_array_equal(whole, pyramid(slide_pixels(), 2)[1])  # downsample 2 = level 1 as it is
+    assert np.abs(whole - strips).max() <= 1

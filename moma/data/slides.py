@@ -20,7 +20,7 @@ SLIDE_SUFFIXES = (".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".sv
 TIFF_SUFFIXES = (".tif", ".tiff")
 # Reading a level in one piece is fine up to this many pixels; beyond it, thumbnails are read in
 # strips so memory does not grow with the slide.
-_MAX_READ_PIXELS = 16_000_000
+_MAX_READ_PIXELS = 4_000_000
 _MAX_TIFF_PROBES = 20
 
 
