@@ -156,12 +156,84 @@ def cmd_predict(args) -> int:
     from moma.engine.device import resolve_device
     from moma.engine.inference import predict_folder
 
-    out = Path(args.out)
+    if args.slides or _is_slide_input(args.folder):
+        return cmd_predict_slides(args)
+    out = Path(args.out or "predictions.csv")
     frame = predict_folder(args.checkpoint, args.folder, out, resolve_device(args.device), batch_size=args.batch_size,
                            skip_bad=args.skip_bad)
     print(f"{len(frame)} tiles predicted -> {out}")
     print(frame["prediction"].value_counts().to_string())
     return 0
+
+
+def _is_slide_input(path: str) -> bool:
+    from moma.data.slides import folder_has_slides
+
+    item = Path(path)
+    return folder_has_slides(item) if item.is_dir() else item.is_file()  # a file is never a folder of tiles
+
+
+def cmd_predict_slides(args) -> int:
+    from moma.data.slides import collect_slides
+    from moma.engine.device import resolve_device
+    from moma.engine.slide_predict import SlidePredictOptions, predict_slides
+
+    slides = collect_slides([args.folder, *args.slides])
+    out = Path(args.out or "slide_predictions")
+    options = SlidePredictOptions(batch_size=args.batch_size, workers=args.workers, slide_mpp=args.slide_mpp, mpp=args.mpp,
+                                  min_tissue=args.min_tissue, heatmap_class=args.heatmap_class)
+    summary = predict_slides(args.checkpoint, slides, out, resolve_device(args.device), options)
+    print(summary.drop(columns=["path"]).to_string(index=False))
+    print(f"{len(slides)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; summary.csv)")
+    return 0
+
+
+def cmd_tile(args) -> int:
+    from moma.data.slides import collect_slides
+    from moma.data.tiling import TilingOptions, tile_slides
+
+    slides = collect_slides(args.inputs)
+    if args.annotations and not Path(args.annotations).is_dir():
+        raise ConfigError(f"--annotations {args.annotations}: not a folder (expected <slide id>.geojson files)")
+    options = TilingOptions(tile_size=args.tile_size, mpp=args.mpp, min_tissue=args.min_tissue,
+                            annotations=Path(args.annotations) if args.annotations else None, label_by=args.label_by,
+                            min_overlap=args.min_overlap, unlabelled=args.unlabelled, label=args.label,
+                            slide_mpp=args.slide_mpp, workers=args.workers)
+    summary = tile_slides(slides, Path(args.out), options)
+    print(f"{summary.slides} slide(s): {summary.tiles} tiles ({summary.written} written, {summary.skipped_existing} "
+          f"already there) -> {summary.manifest}")
+    return 0
+
+
+def _positive(kind):
+    def parse(text: str):
+        value = kind(text)
+        if value <= 0:
+            raise argparse.ArgumentTypeError(f"must be positive, got {text}")
+        return value
+    return parse
+
+
+def _count(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be 0 or more, got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {text}")
+    return value
+
+
+def _add_slide_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--slide-mpp", type=_positive(float), metavar="UM",
+                        help="level-0 microns per pixel, for slides whose metadata lacks it")
+    parser.add_argument("--min-tissue", type=_fraction, default=0.5, metavar="FRACTION",
+                        help="keep tiles at least this much covered by tissue (default 0.5)")
+    parser.add_argument("--workers", type=_count, default=0, help="worker processes reading the slide (default 0: none)")
 
 
 def cmd_info(args) -> int:
@@ -263,13 +335,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles (and say how many)")
     evaluate.set_defaults(func=cmd_evaluate)
 
-    predict = sub.add_parser("predict", help="predict every tile in a folder; writes a CSV")
+    predict = sub.add_parser("predict", help="predict every tile in a folder (a CSV), or whole slides (CSV, heatmap, GeoJSON)")
     predict.add_argument("checkpoint", help="a .safetensors checkpoint, a run folder or an exported .onnx file")
-    predict.add_argument("folder")
-    predict.add_argument("--out", default="predictions.csv")
+    predict.add_argument("folder", metavar="FOLDER_OR_SLIDE", help="a folder of tiles, or slides / folders of slides")
+    predict.add_argument("slides", nargs="*", metavar="SLIDE", help="more slides or folders of slides")
+    predict.add_argument("--out", help="CSV for tiles (default predictions.csv); folder for slides (default slide_predictions)")
     predict.add_argument("--batch-size", type=int, default=128)
     predict.add_argument("--device", default="auto")
     predict.add_argument("--skip-bad", action="store_true")
+    slides = predict.add_argument_group("slides (tile size and mpp come from the checkpoint)")
+    slides.add_argument("--mpp", type=_positive(float), help="microns per pixel of the model's tiles, if the checkpoint lacks it")
+    slides.add_argument("--heatmap-class", metavar="CLASS", help="also draw the probability of this class")
+    _add_slide_args(slides)
     predict.set_defaults(func=cmd_predict)
 
     imported = sub.add_parser("import-teacher", help="turn an external model (timm/torchvision weights, a timm folder) "
@@ -294,6 +371,19 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--dynamic-batch", action="store_true", help="any batch size (default: batch of 1)")
     export.add_argument("--out", required=True, help="the .onnx file to write")
     export.set_defaults(func=cmd_export)
+    tile = sub.add_parser("tile", help="cut slides into PNG tiles of tissue with a manifest.csv (group = slide)")
+    tile.add_argument("inputs", nargs="+", metavar="SLIDE_OR_FOLDER")
+    tile.add_argument("--out", required=True, help="output folder (re-running skips the tiles already there)")
+    tile.add_argument("--tile-size", type=_positive(int), default=224, help="tile side in pixels (default 224)")
+    tile.add_argument("--mpp", type=_positive(float), default=0.5, help="microns per pixel of the tiles (default 0.5)")
+    tile.add_argument("--annotations", metavar="DIR", help="folder of QuPath GeoJSON files <slide id>.geojson giving tile labels")
+    tile.add_argument("--label-by", choices=["centre", "overlap"], default="centre",
+                      help="a tile takes the class of the region holding its centre, or covering most of it")
+    tile.add_argument("--min-overlap", type=_fraction, default=0.5, help="with --label-by overlap: least covered fraction")
+    tile.add_argument("--unlabelled", metavar="NAME", help="label tiles outside every annotation NAME (default: skip them)")
+    tile.add_argument("--label", default="unlabelled", help="label of every tile when there are no annotations")
+    _add_slide_args(tile)
+    tile.set_defaults(func=cmd_tile)
 
     info = sub.add_parser("info", help="show a checkpoint's metadata")
     info.add_argument("checkpoint")
