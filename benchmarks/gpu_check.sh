@@ -44,7 +44,7 @@ step() {  # step NAME LIMIT_SECONDS COMMAND...: run with a time limit, stop the 
     TIMES+=("$name: $((SECONDS - start)) s")
 }
 
-step "CUDA tests" 240 env MOMA_REQUIRE_CUDA=1 "$PYTHON" -m pytest tests/test_cuda.py -q -p no:cacheprovider
+step "CUDA tests" 240 env MOMA_REQUIRE_CUDA=1 "$PYTHON" -m pytest tests/test_cuda.py -m cuda -q -p no:cacheprovider
 
 step "teacher: EfficientNet-B0, 224 px, bf16, channels_last, torch.compile" 240 \
     "$PYTHON" -m moma train --data "$DATA" --arch efficientnet_b0 --image-size 224 --epochs 2 --batch-size 64 \

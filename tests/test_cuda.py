@@ -1,6 +1,7 @@
 """Paths that only exist on a CUDA device: bf16/fp16 autocast, channels_last, torch.compile, and
-MoMA's step there. Skipped without CUDA (CI has none); ``benchmarks/gpu_check.sh`` runs them on a
-GPU with MOMA_REQUIRE_CUDA=1, so there they cannot be skipped."""
+MoMA's step there. Not collected by the default test command (``-m 'not cuda'`` in pyproject's
+addopts: CI has no GPU); ``benchmarks/gpu_check.sh`` runs them on a GPU with ``-m cuda`` and
+MOMA_REQUIRE_CUDA=1, so there they cannot be skipped."""
 
 from __future__ import annotations
 
