@@ -8,8 +8,9 @@ def test_defaults_follow_the_paper():
     cfg = load_config()
     assert cfg.model.arch == "efficientnet_b0"
     assert cfg.optim.optimizer == "sgd" and cfg.optim.momentum == 0.9 and cfg.optim.weight_decay == 1e-4
-    assert cfg.optim.effective_lr(64) == pytest.approx(0.05)
-    assert cfg.optim.effective_lr(128) == pytest.approx(0.10)  # linear scaling from lr 0.05 @ batch 64
+    # run_moma.sh: lr 0.05 for 64 images per GPU on 2 GPUs, i.e. a global batch of 128; linear scaling
+    assert cfg.optim.effective_lr(128) == pytest.approx(0.05)
+    assert cfg.optim.effective_lr(64) == pytest.approx(0.025)
     assert cfg.optim.min_lr == 5e-5 and cfg.optim.epochs == 50
 
 
