@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from moma.errors import CheckpointError, ConfigError
+from moma.models.external import read_weights_file
 
 log = logging.getLogger(__name__)
 
@@ -25,28 +26,12 @@ def create_backbone(arch: str, num_classes: int, drop_rate: float | None = None)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
-    """Weights from a safetensors file or a torch checkpoint (plain, or under 'state_dict'/'model')."""
+    """Weights for ``model.weights`` / ``distill.student_init``: read as ``moma import-teacher`` reads
+    them (format by content, ``weights_only`` loading, wrapper dicts, DDP / compile prefixes)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"weights file {path} not found")
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path))
-        except Exception as exc:  # safetensors raises several types for a corrupt header
-            raise CheckpointError(f"weights file {path}: not a readable safetensors file ({exc})") from None
-    try:
-        data = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:
-        raise CheckpointError(f"weights file {path}: cannot be read by torch.load ({exc})") from None
-    for key in ("state_dict", "model", "model_state"):
-        if isinstance(data, dict) and isinstance(data.get(key), dict):
-            data = data[key]
-            break
-    if not isinstance(data, dict):
-        raise CheckpointError(f"weights file {path}: expected a state dict")
-    return {k.removeprefix("module."): v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    return read_weights_file(path)
 
 
 def same_architecture(a: nn.Module, b: nn.Module) -> bool:
