@@ -20,15 +20,19 @@ COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_b
 NAN = float("nan")
 
 
+def _prefixed_metrics(values: dict | None, prefix: str) -> dict[str, float]:
+    """``{prefix}_{metric}`` for every metric (NaN where missing)."""
+    values = values or {}
+    return {f"{prefix}_{m}": float(values.get(m, NAN)) for m in METRICS}
+
+
 def _test_metrics(results: dict, tag: str) -> dict[str, float]:
-    test = (results.get(tag) or {}).get("test") or {}
-    return {f"{tag}_{m}": float(test.get(m, NAN)) for m in METRICS}
+    return _prefixed_metrics((results.get(tag) or {}).get("test"), tag)
 
 
 def _validation_metrics(results: dict) -> dict[str, float]:
     """The best-by-validation model's validation metrics (what model and method choices may use)."""
-    val = (results.get("best") or {}).get("val") or {}
-    return {f"val_{m}": float(val.get(m, NAN)) for m in METRICS}
+    return _prefixed_metrics((results.get("best") or {}).get("val"), "val")
 
 
 def _method_diagnostics(results: dict) -> dict[str, float]:
@@ -42,8 +46,7 @@ def _method_diagnostics(results: dict) -> dict[str, float]:
 
 def _external_metrics(run_dir: Path) -> dict[str, float]:
     path = run_dir / EXTERNAL_DIR / report_file("metrics", EVAL_TAG)
-    metrics = json.loads(path.read_text()) if path.is_file() else {}
-    return {f"ext_{m}": float(metrics.get(m, NAN)) for m in METRICS}
+    return _prefixed_metrics(json.loads(path.read_text()) if path.is_file() else None, "ext")
 
 
 def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: str) -> dict:
