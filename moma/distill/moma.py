@@ -518,9 +518,8 @@ class MoMA(DistillMethod):
         return positive, positive if all_keys is keys else self.atts_k(all_keys)
 
     # --------------------------------------------------------------- the loss term
-    def forward(self, student: TapOutputs, teacher: TapOutputs | None, batch: Batch) -> dict[str, torch.Tensor]:
-        if not isinstance(teacher, KeyPass):  # called outside the task: do the teacher side now
-            teacher = self.teacher_forward(self._taps[1], batch.input)
+    def forward(self, student: TapOutputs, teacher: KeyPass, batch: Batch) -> dict[str, torch.Tensor]:
+        """The InfoNCE term and its diagnostics, from the :class:`KeyPass` of :meth:`teacher_forward`."""
         self.queue.commit()  # the previous step's keys, if after_step was not called
         with torch.autocast(batch.input.device.type, enabled=False):
             features = pooled_features(self._student_model, student).float()
