@@ -16,8 +16,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from scipy import stats as scipy_stats  # noqa: E402
-
 from moma.compare.config import ALL, CompareConfig  # noqa: E402
 from moma.compare.grid import TeacherInfo  # noqa: E402
 from moma.compare.results import COST_COLUMNS  # noqa: E402
@@ -29,6 +27,7 @@ from moma.compare.stats import (  # noqa: E402
     compare_with_baseline,
     group_keys,
     summarize,
+    t_interval,
     verdict,
 )
 from moma.engine.layout import TEST_BEST_TAG, report_file  # noqa: E402
@@ -278,18 +277,6 @@ def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str
     return None if total is None else (total, names)
 
 
-def mean_ci(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
-    """Mean and half-width of its Student-t confidence interval (NaN half-width below 2 values)."""
-    values = np.asarray(values, dtype=float)
-    values = values[np.isfinite(values)]
-    if len(values) == 0:
-        return float("nan"), float("nan")
-    if len(values) < 2:
-        return float(values.mean()), float("nan")
-    half = scipy_stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * values.std(ddof=1) / np.sqrt(len(values))
-    return float(values.mean()), float(half)
-
-
 def curve_points(results: pd.DataFrame, setting: str, method: str, metric: str = "best_macro_f1") -> pd.DataFrame:
     """Per size of one setting: x = mean labelled training tiles per class used (the same subsets for
     every method), and the method's mean and 95% CI half-width of ``metric``."""
@@ -297,7 +284,8 @@ def curve_points(results: pd.DataFrame, setting: str, method: str, metric: str =
     rows = []
     for size, part in done.groupby("size", sort=False):
         x = float(part["train_tiles_per_class"].mean())
-        mean, half = mean_ci(part.loc[part["method"] == method, metric].to_numpy())
+        values = part.loc[part["method"] == method, metric].to_numpy(dtype=float)
+        mean, half = t_interval(values[np.isfinite(values)])
         if np.isfinite(x) and np.isfinite(mean):
             rows.append({"size": size, "x": x, "mean": mean, "half": half})
     return pd.DataFrame(rows, columns=["size", "x", "mean", "half"]).sort_values("x")

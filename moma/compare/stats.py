@@ -81,22 +81,27 @@ def wilcoxon_p(differences: np.ndarray) -> float:
     return float(scipy_stats.wilcoxon(differences).pvalue)
 
 
-def paired_difference(differences: np.ndarray, confidence: float = 0.95) -> PairedResult:
-    r"""Mean of paired differences :math:`d_i` with its t confidence interval:
-
-    .. math:: \bar d \pm t_{(1+c)/2,\,n-1} \, s_d / \sqrt{n}
-
-    (``s_d`` the sample standard deviation), and the Wilcoxon signed-rank p-value. Below two pairs
-    the interval and the p-value are NaN."""
-    d = np.asarray(differences, dtype=float)
-    n = len(d)
+def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float]:
+    r"""Mean and the half-width of its Student-t confidence interval,
+    :math:`t_{(1+c)/2,\,n-1} \, s / \sqrt{n}` (``s`` the sample standard deviation). NaN half-width
+    below two values, NaN mean for none."""
+    v = np.asarray(values, dtype=float)
+    n = len(v)
     if n == 0:
-        return PairedResult(0, float("nan"), float("nan"), float("nan"), float("nan"))
-    mean = float(d.mean())
+        return float("nan"), float("nan")
     if n < 2:
-        return PairedResult(n, mean, float("nan"), float("nan"), float("nan"))
-    half = float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * d.std(ddof=1) / np.sqrt(n))
-    return PairedResult(n, mean, mean - half, mean + half, wilcoxon_p(d))
+        return float(v.mean()), float("nan")
+    return float(v.mean()), float(scipy_stats.t.ppf(0.5 + confidence / 2, n - 1) * v.std(ddof=1) / np.sqrt(n))
+
+
+def paired_difference(differences: np.ndarray, confidence: float = 0.95) -> PairedResult:
+    """Mean of paired differences with its t confidence interval (:func:`t_interval`) and the
+    Wilcoxon signed-rank p-value. Below two pairs the interval and the p-value are NaN."""
+    d = np.asarray(differences, dtype=float)
+    mean, half = t_interval(d, confidence)
+    if len(d) < 2:
+        return PairedResult(len(d), mean, float("nan"), float("nan"), float("nan"))
+    return PairedResult(len(d), mean, mean - half, mean + half, wilcoxon_p(d))
 
 
 def paired_differences(results: pd.DataFrame, setting: str, method: str, baseline: str, column: str,
