@@ -20,11 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CLASS_COLOURS = {"tumour": (200, 60, 90), "stroma": (230, 160, 190), "immune": (70, 60, 170), "fat": (240, 240, 235)}
 
 
-def load_script(name: str):
-    """A script of scripts/ imported as a module (scripts/ is not a package)."""
+def load_script(name: str, folder: str = "scripts"):
+    """A script of scripts/ (or benchmarks/) imported as a module (neither is a package)."""
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, ROOT / folder / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module

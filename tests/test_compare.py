@@ -616,6 +616,42 @@ def test_screenshot_of_a_report_with_learning_curves_is_not_blank(curves, tmp_pa
     assert Image.open(png).size[1] == 2400
 
 
+def test_curve_tables_print_the_paired_differences_of_each_size(curves, capsys):
+    tables = load_script("curve_tables", "benchmarks")
+    assert tables.main([str(curves)]) == 0
+    printed = capsys.readouterr().out
+    results = pd.read_csv(curves / "results.csv", dtype={"size": str})
+    same = results[(results["setting"] == "same") & (results["size"] == "2")].set_index(["fold", "seed", "method"])
+    by_hand = (same.xs("kd", level="method")["best_macro_f1"] - same.xs("none", level="method")["best_macro_f1"]).mean()
+    kd_line = next(line for line in printed.splitlines() if line.startswith("| 2 | kd |"))
+    assert f"{by_hand:+.3f}" in kd_line
+    assert tables.main([str(curves / "cells")]) == 2  # not a compare folder: one line, exit 2
+
+
+def test_teacher_agreement_is_one_for_the_teacher_s_own_predictions_and_zero_for_their_opposite(curves, tmp_path):
+    import torch
+
+    folder = tmp_path / "curves"
+    shutil.copytree(curves, folder)
+    agreement = load_script("teacher_agreement", "benchmarks")
+    model = folder / "cells/same/kd/size-2/fold0-seed0"
+    config = yaml.safe_load((model / "config.yaml").read_text())
+    teacher = agreement.teacher_predictions(config["distill"]["teacher"], config["data"]["source"], model / "split.csv",
+                                            {}, torch.device("cpu"))
+    classes = sorted(teacher["label"].unique())
+    for name, predictions in (("echo", teacher["prediction"]),
+                              ("contrary", teacher["prediction"].map(lambda c: classes[1 - classes.index(c)]))):
+        cell = folder / "cells/same" / name / "size-2/fold0-seed0"
+        shutil.copytree(model, cell)
+        teacher.assign(prediction=predictions).to_csv(cell / agreement.PREDICTIONS, index=False)
+    rows = agreement.agreement_rows(folder, ["same"], torch.device("cpu")).set_index(["method", "size", "run"])
+    assert rows.loc[("echo", "2", "fold0-seed0"), "agreement"] == 1.0
+    assert rows.loc[("contrary", "2", "fold0-seed0"), "agreement"] == 0.0
+    echo = rows.loc[("echo", "2", "fold0-seed0")]
+    assert echo["student_macro_f1"] == pytest.approx(echo["teacher_macro_f1"])
+    assert len(rows) == 2 * 2 * 2 + 2  # none and kd, 2 sizes, 2 folds, and the two planted cells
+
+
 def test_shards_are_disjoint_deterministic_and_cover_the_grid():
     from moma.compare.grid import Cell, parse_shard, shard_cells
 

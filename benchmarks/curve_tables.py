@@ -1,0 +1,66 @@
+"""One compact table per setting of a learning-curve compare folder, for BENCHMARKS.md: per method
+and size, test macro F1 (mean ± std over folds x seeds) and the paired difference against the
+baseline on test and on validation (mean [95% t-interval], Wilcoxon p). A difference whose interval
+lies above 0 is in bold.
+
+    python benchmarks/curve_tables.py runs/compare/curves
+
+It reads results.csv (written by ``moma compare`` and by ``--report-only``); nothing is trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import pandas as pd
+
+from moma.compare.stats import compare_with_baseline, done_rows
+
+COLUMNS = ["best_macro_f1", "val_macro_f1"]
+
+
+def _delta(row: pd.Series, column: str) -> str:
+    mean, low, high, p = (row[f"delta_{column}{suffix}"] for suffix in ("", "_ci_low", "_ci_high", "_p"))
+    if pd.isna(low):
+        return f"{mean:+.3f} (n < 2)"
+    text = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
+    return (f"**{text}**" if low > 0 else text) + f", p = {p:.2f}"
+
+
+def setting_table(results: pd.DataFrame, paired: pd.DataFrame, setting: str, baseline: str) -> str:
+    done = done_rows(results)
+    lines = ["| size | method | runs | test macro F1 | Δ test vs " + baseline + " | Δ validation vs " + baseline + " |",
+             "|---|---|---|---|---|---|"]
+    here = done[done["setting"] == setting]
+    for size in here["size"].drop_duplicates():
+        for method in here["method"].drop_duplicates():
+            runs = here[(here["size"] == size) & (here["method"] == method)]["best_macro_f1"]
+            if runs.empty:
+                continue
+            score = f"{runs.mean():.3f} ± {runs.std():.3f}"
+            match = paired[(paired["setting"] == setting) & (paired["size"] == size) & (paired["method"] == method)]
+            deltas = ["—", "—"] if match.empty else [_delta(match.iloc[0], column) for column in COLUMNS]
+            lines.append(f"| {size} | {method} | {len(runs)} | {score} | {deltas[0]} | {deltas[1]} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("compare_dir", type=Path)
+    parser.add_argument("--baseline", default="none")
+    args = parser.parse_args(argv)
+    path = args.compare_dir / "results.csv"
+    if not path.is_file():
+        print(f"error: {path} not found: run moma compare (or --report-only) on that folder first", file=sys.stderr)
+        return 2
+    results = pd.read_csv(path, dtype={"size": str})
+    paired = compare_with_baseline(results, args.baseline, COLUMNS)
+    for setting in results["setting"].drop_duplicates():
+        print(f"#### {setting}\n\n{setting_table(results, paired, setting, args.baseline)}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
