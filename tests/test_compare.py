@@ -406,6 +406,12 @@ def test_curves_paper_gpu_and_demo_configs_parse():
     assert demo.settings["same"].distill["student_init"] == "scratch"
 
 
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.name)
+def test_every_shipped_compare_config_loads(path):
+    cfg = load_compare_config(path)
+    assert cfg.settings and cfg.methods
+
+
 def test_smoke_config_is_valid():
     cfg = load_compare_config(ROOT / "configs" / "compare" / "smoke.yaml")
     assert set(cfg.settings) == {"same", "relevant", "irrelevant"} and cfg.folds == 2 and cfg.seeds == [0]
