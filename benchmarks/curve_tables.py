@@ -1,7 +1,7 @@
 """One compact table per setting of a learning-curve compare folder, for BENCHMARKS.md: per method
-and size, test macro F1 (mean ± std over folds x seeds) and the paired difference against the
-baseline on test and on validation (mean [95% t-interval], Wilcoxon p). A difference whose interval
-lies above 0 is in bold.
+and size, test macro F1 (mean ± std over folds x seeds), the paired difference against the
+baseline on test and on validation (mean [95% t-interval], Wilcoxon p; bold where the interval lies
+above 0) and the mean training wall time of a run (contended machines make it an upper bound).
 
     python benchmarks/curve_tables.py runs/compare/curves
 
@@ -31,18 +31,20 @@ def _delta(row: pd.Series, column: str) -> str:
 
 def setting_table(results: pd.DataFrame, paired: pd.DataFrame, setting: str, baseline: str) -> str:
     done = done_rows(results)
-    lines = ["| size | method | runs | test macro F1 | Δ test vs " + baseline + " | Δ validation vs " + baseline + " |",
-             "|---|---|---|---|---|---|"]
+    lines = ["| size | method | runs | test macro F1 | Δ test vs " + baseline + " | Δ validation vs " + baseline
+             + " | s per run |", "|---|---|---|---|---|---|---|"]
     here = done[done["setting"] == setting]
     for size in here["size"].drop_duplicates():
         for method in here["method"].drop_duplicates():
-            runs = here[(here["size"] == size) & (here["method"] == method)]["best_macro_f1"]
-            if runs.empty:
+            cells = here[(here["size"] == size) & (here["method"] == method)]
+            if cells.empty:
                 continue
+            runs = cells["best_macro_f1"]
             score = f"{runs.mean():.3f} ± {runs.std():.3f}"
             match = paired[(paired["setting"] == setting) & (paired["size"] == size) & (paired["method"] == method)]
             deltas = ["—", "—"] if match.empty else [_delta(match.iloc[0], column) for column in COLUMNS]
-            lines.append(f"| {size} | {method} | {len(runs)} | {score} | {deltas[0]} | {deltas[1]} |")
+            seconds = cells["train_seconds"].mean()
+            lines.append(f"| {size} | {method} | {len(runs)} | {score} | {deltas[0]} | {deltas[1]} | {seconds:.0f} |")
     return "\n".join(lines)
 
 
