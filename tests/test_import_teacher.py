@@ -144,6 +144,18 @@ def test_torchvision_state_dicts_map_to_timm(tmp_path, capsys, tv_name, arch):
     assert_same_outputs(out, model, size=64)
 
 
+@pytest.mark.parametrize("arch, fragments", [
+    ("efficientnet_b1", ("torchvision EfficientNet weights with 16 blocks", "'efficientnet_b1' has 23", "B0 has 16")),
+    ("resnet18", ("torchvision EfficientNet", "choose a timm EfficientNet for --arch")),
+])
+def test_efficientnet_weights_for_another_variant_or_family_are_refused(tmp_path, capsys, arch, fragments):
+    torch.save(_torchvision("efficientnet_b0").state_dict(), tmp_path / "b0.pth")
+    code, err = run_cli(capsys, "import-teacher", tmp_path / "b0.pth", "--arch", arch, "--classes", ",".join(CLASSES),
+                        "--out", tmp_path / "t.safetensors")
+    assert_one_line_error(code, err, *fragments)
+    assert not (tmp_path / "t.safetensors").exists()
+
+
 def test_a_torchvision_model_that_is_not_mapped_is_refused_naming_the_keys(tmp_path, capsys):
     torch.save(torchvision.models.mobilenet_v2(weights=None).state_dict(), tmp_path / "mnv2.pth")
     code, err = run_cli(capsys, "import-teacher", tmp_path / "mnv2.pth", "--arch", "mobilenetv2_100", "--features-only",

@@ -204,11 +204,16 @@ def _timm_blocks(model: nn.Module) -> list[str]:
     return [f"blocks.{s}.{b}" for s, stage in enumerate(blocks) for b in range(len(stage))]
 
 
-def _need_timm_efficientnet(model: nn.Module, layout: str) -> list[str]:
+def _matching_timm_blocks(model: nn.Module, layout: str, source_blocks: int) -> list[str]:
+    """The timm EfficientNet block names that ``source_blocks`` blocks of a ``layout`` checkpoint map
+    onto, one to one; a clear error where the model is no timm EfficientNet or another variant."""
     blocks = _timm_blocks(model)
     if not blocks:
         raise CheckpointError(f"the weights are a {layout} EfficientNet; choose a timm EfficientNet for --arch "
                               "(e.g. efficientnet_b0 for B0)")
+    if source_blocks != len(blocks):
+        raise CheckpointError(f"{layout} EfficientNet weights with {source_blocks} blocks, timm '{_arch(model)}' has "
+                              f"{len(blocks)}; pick the matching variant (B0 has 16)")
     return blocks
 
 
@@ -221,14 +226,11 @@ _TV_INVERTED_RESIDUAL = {"block.0.0": "conv_pw", "block.0.1": "bn1", "block.1.0"
 
 
 def _from_torchvision_efficientnet(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
-    blocks = _need_timm_efficientnet(model, "torchvision")
     stages = sorted({int(k.split(".")[1]) for k in state if k.startswith("features.")})
     head_stage = stages[-1]
     tv_blocks = sorted({tuple(map(int, k.split(".")[1:3])) for k in state
                         if k.startswith("features.") and ".block." in k})
-    if len(tv_blocks) != len(blocks):
-        raise CheckpointError(f"torchvision EfficientNet with {len(tv_blocks)} blocks, timm '{_arch(model)}' has "
-                              f"{len(blocks)}; pick the matching variant (B0 has 16)")
+    blocks = _matching_timm_blocks(model, "torchvision", len(tv_blocks))
     block_name = dict(zip(tv_blocks, blocks))
     fixed = {"features.0.0": "conv_stem", "features.0.1": "bn1", f"features.{head_stage}.0": "conv_head",
              f"features.{head_stage}.1": "bn2", "classifier.1": "classifier"}
@@ -262,11 +264,8 @@ _EP_TOP = {"_conv_stem": "conv_stem", "_bn0": "bn1", "_conv_head": "conv_head", 
 
 
 def _from_efficientnet_pytorch(state: dict[str, torch.Tensor], model: nn.Module, prefix: str) -> dict[str, torch.Tensor]:
-    blocks = _need_timm_efficientnet(model, "EfficientNet-PyTorch")
     indices = sorted({int(k[len(prefix):].split(".")[1]) for k in state if k[len(prefix):].startswith("_blocks.")})
-    if len(indices) != len(blocks):
-        raise CheckpointError(f"EfficientNet-PyTorch weights with {len(indices)} blocks, timm '{_arch(model)}' has "
-                              f"{len(blocks)}; pick the matching variant (B0 has 16)")
+    blocks = _matching_timm_blocks(model, "EfficientNet-PyTorch", len(indices))
     out = {}
     for key, value in state.items():
         module, _, leaf = key.removeprefix(prefix).rpartition(".")
