@@ -25,6 +25,8 @@ from pathlib import Path
 import pandas as pd
 from sklearn.metrics import f1_score
 
+from moma.config import read_yaml
+from moma.engine.checkpoint import read_metadata
 from moma.engine.device import resolve_device
 from moma.engine.inference import evaluate_checkpoint
 
@@ -53,21 +55,19 @@ def teacher_predictions(teacher: str, data: str, split_file: Path, cache: dict, 
 
 
 def agreement_rows(compare_dir: Path, settings: list[str] | None, device) -> pd.DataFrame:
-    import yaml
-
     cache: dict = {}
     rows, skipped = [], set()
     for setting, method, size, name, run in cell_dirs(compare_dir, settings):
-        config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
+        config = read_yaml(run / "config.yaml")
         teacher = (config.get("distill") or {}).get("teacher")
         if not teacher:
             skipped.add((setting, "no teacher"))
             continue
         student = pd.read_csv(run / PREDICTIONS)
-        reference = teacher_predictions(teacher, config["data"]["source"], run / "split.csv", cache, device)
-        if set(reference["prediction"]) - set(student["label"]):
-            skipped.add((setting, "the teacher predicts other classes"))
+        if set(read_metadata(teacher).class_names) != set(student["label"]):
+            skipped.add((setting, "the teacher was trained on other classes"))
             continue
+        reference = teacher_predictions(teacher, config["data"]["source"], run / "split.csv", cache, device)
         both = student.merge(reference[["path", "prediction"]], on="path", suffixes=("", "_teacher"))
         rows.append({"setting": setting, "method": method, "size": size, "run": name,
                      "student_macro_f1": f1_score(both["label"], both["prediction"], average="macro"),
