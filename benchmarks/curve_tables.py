@@ -16,17 +16,17 @@ from pathlib import Path
 
 import pandas as pd
 
+from moma.compare.report import _ci, _mean_std, _p
 from moma.compare.stats import compare_with_baseline, done_rows
 
 COLUMNS = ["best_macro_f1", "val_macro_f1"]
 
 
 def _delta(row: pd.Series, column: str) -> str:
+    """The report's 'mean [low, high]' (bold where low > 0), then the Wilcoxon p."""
     mean, low, high, p = (row[f"delta_{column}{suffix}"] for suffix in ("", "_ci_low", "_ci_high", "_p"))
-    if pd.isna(low):
-        return f"{mean:+.3f} (n < 2)"
-    text = f"{mean:+.3f} [{low:+.3f}, {high:+.3f}]"
-    return (f"**{text}**" if low > 0 else text) + f", p = {p:.2f}"
+    text = _ci(mean, low, high)
+    return (f"**{text}**" if low > 0 else text) + f", p = {_p(p)}"
 
 
 def setting_table(results: pd.DataFrame, paired: pd.DataFrame, setting: str, baseline: str) -> str:
@@ -40,7 +40,7 @@ def setting_table(results: pd.DataFrame, paired: pd.DataFrame, setting: str, bas
             if cells.empty:
                 continue
             runs = cells["best_macro_f1"]
-            score = f"{runs.mean():.3f} ± {runs.std():.3f}"
+            score = _mean_std(runs.mean(), runs.std())
             match = paired[(paired["setting"] == setting) & (paired["size"] == size) & (paired["method"] == method)]
             deltas = ["—", "—"] if match.empty else [_delta(match.iloc[0], column) for column in COLUMNS]
             seconds = cells["train_seconds"].mean()
