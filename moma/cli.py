@@ -79,6 +79,10 @@ def _shortcut_overrides(args) -> list[str]:
         overrides.append("data.skip_bad=true")
     if getattr(args, "profile", False):
         overrides.append("train.profile=true")
+    if getattr(args, "unlabelled", None):
+        overrides.append("data.unlabelled=" + json.dumps(args.unlabelled))  # JSON is YAML: paths stay strings
+    if getattr(args, "allow_group_overlap", False):
+        overrides.append("data.allow_group_overlap=true")
     return overrides
 
 
@@ -320,6 +324,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     distill = sub.add_parser("distill", help="train a student with a distillation method (--method, --teacher)")
     _add_config_args(distill)
+    pool = distill.add_argument_group("unlabelled tiles (the distillation terms see them, cross-entropy does not)")
+    pool.add_argument("--unlabelled", action="append", default=[], metavar="SOURCE",
+                      help="a folder of tiles, a manifest CSV, `moma tile` output, or 'rest' (repeatable; "
+                           "= --set data.unlabelled=[...])")
+    pool.add_argument("--allow-group-overlap", action="store_true",
+                      help="let the pool share patients/slides with validation and test (= data.allow_group_overlap)")
     distill.add_argument("--resume", metavar="RUN_DIR", help="continue an interrupted run in its folder")
     distill.set_defaults(func=lambda a: cmd_train(a, distill=True))
 

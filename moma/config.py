@@ -57,9 +57,25 @@ class DataConfig(Section):
     train_fraction: float | None = Field(None, gt=0.0, le=1.0, description="like train_per_class, as a fraction "
                                          "of each class's training tiles")
     subsample_seed: int | None = Field(None, description="seed of the training subset; default: run.seed")
+    unlabelled: list[str] = Field(
+        default_factory=list, description="unlabelled tiles for the distillation terms (cross-entropy never sees "
+        "them): folders of tiles, manifest CSVs, `moma tile` output folders, or 'rest' (the training tiles outside "
+        "the labelled subset, labels hidden)")
+    allow_group_overlap: bool = Field(False, description="let the unlabelled pool share patients/slides with "
+                                      "validation and test (refused by default)")
+    strong_augment: bool = Field(False, description="the student sees a strong view (RandAugment, stronger stain "
+                                 "jitter, colour jitter, blur) of the tile whose weak view (flips, 90-degree "
+                                 "rotations) the teacher sees")
     skip_bad: bool = False
     cache: bool = Field(True, description="decode every tile once and keep it in memory")
     num_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("unlabelled", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: Any) -> Any:
+        if value is None:
+            return []
+        return [value] if isinstance(value, str) else value
 
     @model_validator(mode="after")
     def _check_fractions(self) -> "DataConfig":
@@ -82,6 +98,12 @@ class AugmentConfig(Section):
     ra_num_ops: int = Field(2, ge=0, le=10)
     ra_magnitude: int = Field(10, ge=0, le=30)
     stain_jitter: float = Field(0.0, ge=0.0, le=0.5, description="HED colour jitter strength (0 = off)")
+    strong_stain_jitter: float = Field(0.1, ge=0.0, le=0.5, description="data.strong_augment: HED jitter of the "
+                                       "student's strong view")
+    strong_color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="data.strong_augment: brightness, contrast "
+                                       "and saturation jitter of the strong view (hue a quarter of it)")
+    strong_blur: float = Field(0.5, ge=0.0, le=1.0, description="data.strong_augment: probability of a Gaussian "
+                               "blur (sigma 0.1 to 1.5) in the strong view")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 
@@ -150,6 +172,9 @@ class DistillConfig(Section):
     kl_weight: float | None = Field(None, ge=0.0, description="None = the method's default")
     kl_temperature: float = Field(4.0, gt=0.0, description="T of the shared KL term to the teacher's softened logits "
                                   "(a method's own temperature, e.g. DKD's, is under params)")
+    unlabelled_ratio: int = Field(
+        3, ge=1, description="with data.unlabelled: unlabelled tiles per labelled tile in each step (FixMatch's mu; "
+        "7 in FixMatch, 3 here to keep a CPU step affordable)")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters")
 
 

@@ -14,6 +14,9 @@
     folds: 2                          # grouped k-fold on the target's patients
     seeds: [0]
     train_per_class: [8, 32, all]     # optional: a learning curve (or train_fraction: [0.1, 0.5, all])
+    unlabelled: {rest: rest}          # optional: unlabelled pools; every method that can use one also runs
+                                      # with it as '<method>+<pool>' (e.g. kd+rest); 'rest' = the fold's
+                                      # training tiles outside the labelled subset, labels hidden
     min_teacher_margin: 0.15          # optional: a teacher's test macro F1 must beat chance by this much
 
 Layering of one cell's training config: ``base`` <- the setting's sections <- the method's
@@ -53,7 +56,10 @@ GRID_KEYS = {
     ("distill", "teacher"): "a setting's teacher",
     ("data", "train_per_class"): "train_per_class (the compare's list of sizes)",
     ("data", "train_fraction"): "train_fraction (the compare's list of sizes)",
+    ("data", "unlabelled"): "unlabelled (the compare's pools; methods run with them as '<method>+<pool>')",
 }
+POOL_SEPARATOR = "+"  # a method entry run with an unlabelled pool: '<method>+<pool>'
+REST = "rest"  # the pool of the fold's training tiles outside the labelled subset
 ALL = "all"  # a size of the learning curve: the whole training part of the fold
 
 
@@ -115,6 +121,7 @@ class MethodSpec(Strict):
     ce_weight: float | None = Field(None, ge=0.0)
     kl_weight: float | None = Field(None, ge=0.0)
     kl_temperature: float | None = Field(None, gt=0.0, description="T of the shared KL term")
+    unlabelled: str | None = Field(None, description="set by the grid: the pool this entry runs with")
 
     @model_validator(mode="before")
     @classmethod
@@ -150,6 +157,12 @@ class CompareConfig(Strict):
         "subsampling); val and test stay whole")
     train_fraction: list[Annotated[float, Field(gt=0.0, le=1.0)] | Literal["all"]] | None = Field(
         None, description="like train_per_class, as fractions of each class's training tiles")
+    unlabelled: dict[str, str] = Field(
+        default_factory=dict, description="unlabelled pools, name -> 'rest' (the fold's training tiles outside the "
+        "labelled subset, labels hidden) or a folder/manifest of tiles; each method that can use a pool also runs "
+        "with it, as the entry '<method>+<pool>'")
+    unlabelled_methods: list[str] | None = Field(
+        None, description="the methods that also run with each pool (default: every method that can use one)")
     min_teacher_margin: float | None = Field(
         None, ge=0.0, le=1.0, description="a trained teacher whose test macro F1 (on its own held-out split) is "
         "below chance (1 / classes) + this margin is reported as a 'weak teacher', with a warning")
@@ -186,6 +199,13 @@ class CompareConfig(Strict):
             for name in names:
                 if not NAME_PATTERN.match(name):
                     raise ValueError(f"{kind} name {name!r}: use letters, digits, '_', '-', '.' (it names a folder)")
+        for name in self.unlabelled:
+            if not NAME_PATTERN.match(name):
+                raise ValueError(f"unlabelled pool name {name!r}: use letters, digits, '_', '-', '.'")
+        for label, spec in self.methods.items():
+            if spec.unlabelled is not None and spec.unlabelled not in self.unlabelled:
+                raise ValueError(f"methods.{label}.unlabelled: '{spec.unlabelled}' is not under unlabelled")
+        self._add_pool_entries()
         for name, setting in self.settings.items():
             if setting.teacher is not None and setting.teacher not in self.teachers:
                 raise ValueError(f"settings.{name}.teacher: '{setting.teacher}' is not under teachers "
@@ -194,6 +214,34 @@ class CompareConfig(Strict):
             if unknown:
                 raise ValueError(f"settings.{name}.methods: {', '.join(unknown)} not under methods")
         return self
+
+    def _add_pool_entries(self) -> None:
+        """An entry '<method>+<pool>' for every pool and every method that can learn from unlabelled
+        tiles (or those of ``unlabelled_methods``); pool entries come after the labels-only ones."""
+        from moma.distill.registry import get_method
+
+        if not self.unlabelled:
+            return
+        chosen = self.unlabelled_methods
+        unknown = [m for m in chosen or [] if m not in self.methods]
+        if unknown:
+            raise ValueError(f"unlabelled_methods: {', '.join(unknown)} not under methods")
+        plain = [label for label, spec in self.methods.items() if spec.unlabelled is None]
+        for pool in self.unlabelled:
+            for label in plain:
+                wanted = label in chosen if chosen is not None else True
+                name = f"{label}{POOL_SEPARATOR}{pool}"
+                try:
+                    usable = get_method(self.registered_name(label)).uses_unlabelled
+                except ConfigError:
+                    usable = False  # an unknown method is reported by the training-config check
+                if wanted and usable and name not in self.methods:
+                    self.methods[name] = self.methods[label].model_copy(update={"unlabelled": pool})
+
+    def pool_source(self, label: str) -> str | None:
+        """The pool a method entry runs with ('rest' or a path), None for a labels-only entry."""
+        pool = self.methods[label].unlabelled
+        return None if pool is None else self.unlabelled[pool]
 
     # ------------------------------------------------------------------ derived
     def sizes(self) -> list[str] | None:
@@ -213,7 +261,10 @@ class CompareConfig(Strict):
         return {"train_fraction": float(size)}
 
     def registered_name(self, label: str) -> str:
-        return (self.methods[label].method or label).lower()
+        spec = self.methods[label]
+        if spec.method:
+            return spec.method.lower()
+        return label.split(POOL_SEPARATOR)[0].lower() if spec.unlabelled else label.lower()
 
     def methods_of(self, setting: str) -> list[str]:
         chosen = self.settings[setting].methods

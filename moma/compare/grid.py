@@ -30,7 +30,7 @@ from typing import Any, Iterator
 import yaml
 from tqdm import tqdm
 
-from moma.compare.config import CompareConfig
+from moma.compare.config import REST, CompareConfig
 from moma.compare.holdout import write_holdout_manifests
 from moma.compare.locks import exclusive, lock_path
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
@@ -345,6 +345,9 @@ class Grid:
         else:
             grid_keys["data"] = {"split_seed": cfg.split_seed}
         grid_keys["data"].update(cfg.size_keys(cell.size))
+        pool = cfg.pool_source(cell.method)
+        if pool is not None:
+            grid_keys["data"]["unlabelled"] = [pool if pool == REST else _absolute(pool)]
         tree = _absolute_paths(cfg.training_tree(setting.sections(), grid_keys))
         if setting.teacher is not None:
             tree["distill"]["teacher"] = str(self.teacher_checkpoint(setting.teacher))
@@ -454,6 +457,8 @@ class Grid:
         from moma.distill.registry import not_applicable_reason
 
         method_cls = get_method(self.cfg.registered_name(cell.method))
+        if self.cfg.pool_source(cell.method) == REST and self.cfg.size_keys(cell.size) == {}:
+            return "with every labelled tile in training, no tile is left for the 'rest' pool"
         teacher_name = self.cfg.settings[cell.setting].teacher
         if teacher_name is None:
             return not_applicable_reason(method_cls, None)

@@ -3,6 +3,11 @@
 Training: random flips and 90-degree rotations (histology has no 'up'), RandAugment as in the
 paper, optional H&E stain jitter; then float conversion and normalisation. Evaluation:
 normalisation only. The mean/std used are stored in every checkpoint.
+
+Two views (``data.strong_augment``, as Noisy Student and FixMatch): one decode and one geometric
+draw (flips, 90-degree rotations) give the teacher's *weak* view; the student's *strong* view adds
+RandAugment, a stronger H&E stain jitter (Tellez et al. 2018), colour jitter and blur to the same
+geometric view, so both networks look at the same tissue in the same orientation.
 """
 
 from __future__ import annotations
@@ -32,13 +37,7 @@ def normalize_transform(aug: AugmentConfig) -> v2.Compose:
 
 
 def build_train_transform(aug: AugmentConfig) -> v2.Compose:
-    steps: list[torch.nn.Module] = []
-    if aug.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if aug.vflip:
-        steps.append(v2.RandomVerticalFlip())
-    if aug.rot90:
-        steps.append(RandomRot90())
+    steps = _geometric_steps(aug)
     if aug.randaugment and aug.ra_num_ops > 0:
         fill = [int(round(255 * m)) for m in aug.mean]
         steps.append(
@@ -52,3 +51,49 @@ def build_train_transform(aug: AugmentConfig) -> v2.Compose:
 
 def build_eval_transform(aug: AugmentConfig) -> v2.Compose:
     return normalize_transform(aug)
+
+
+def _geometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
+    steps: list[torch.nn.Module] = []
+    if aug.hflip:
+        steps.append(v2.RandomHorizontalFlip())
+    if aug.vflip:
+        steps.append(v2.RandomVerticalFlip())
+    if aug.rot90:
+        steps.append(RandomRot90())
+    return steps
+
+
+def _strong_photometric(aug: AugmentConfig) -> v2.Compose:
+    steps: list[torch.nn.Module] = []
+    if aug.randaugment and aug.ra_num_ops > 0:
+        fill = [int(round(255 * m)) for m in aug.mean]
+        steps.append(v2.RandAugment(num_ops=aug.ra_num_ops, magnitude=aug.ra_magnitude * _TIMM_LEVEL_TO_TV_BIN,
+                                    num_magnitude_bins=31, fill=fill))
+    if aug.strong_stain_jitter > 0:
+        steps.append(HEDJitter(aug.strong_stain_jitter))
+    if aug.strong_color_jitter > 0:
+        c = aug.strong_color_jitter
+        steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(0.5, c / 4)))
+    if aug.strong_blur > 0:
+        steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=aug.strong_blur))
+    return v2.Compose(steps)
+
+
+class TwoViews(torch.nn.Module):
+    """uint8 tile -> (strong view for the student, weak view for the teacher), both normalised."""
+
+    def __init__(self, aug: AugmentConfig):
+        super().__init__()
+        self.geometric = v2.Compose(_geometric_steps(aug))
+        self.strong = _strong_photometric(aug)
+        self.normalize = normalize_transform(aug)
+
+    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        weak = self.geometric(image)
+        return self.normalize(self.strong(weak)), self.normalize(weak)
+
+
+def build_student_transform(aug: AugmentConfig, strong_augment: bool):
+    """The training transform: one view for student and teacher, or two views with ``strong_augment``."""
+    return TwoViews(aug) if strong_augment else build_train_transform(aug)

@@ -11,6 +11,8 @@ from moma.distill.registry import all_methods, get_method, method_names
 # Registry lines: importing a module registers its method.
 from moma.distill import none  # noqa: E402,F401
 from moma.distill import kd  # noqa: E402,F401
+from moma.distill import pseudo  # noqa: E402,F401
+from moma.distill import fixmatch  # noqa: E402,F401
 from moma.distill import crd  # noqa: E402,F401
 from moma.distill import semckd  # noqa: E402,F401
 from moma.distill import simkd  # noqa: E402,F401

@@ -33,11 +33,33 @@ class MethodParams(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+UNLABELLED = -1  # the target of a tile from the unlabelled pool
+
+
 @dataclass
 class Batch:
-    input: torch.Tensor  # images normalised for the student
-    target: torch.Tensor  # class indices
-    index: torch.Tensor  # row of each sample in the training set
+    """One training step's tiles: ``num_labelled`` labelled rows first, then (with an unlabelled
+    pool) tiles whose ``target`` is :data:`UNLABELLED`. Cross-entropy sees the labelled rows only;
+    every distillation term sees all rows."""
+
+    input: torch.Tensor  # images normalised for the student (its strong view with data.strong_augment)
+    target: torch.Tensor  # class indices; UNLABELLED (-1) for pool tiles
+    index: torch.Tensor  # row of each sample: 0..N-1 the labelled training set, N.. the pool (N + pool row)
+    teacher_input: torch.Tensor | None = None  # the weak view of the same tiles, when it differs from input
+    num_labelled: int | None = None  # None: every row is labelled
+
+    @property
+    def weak_input(self) -> torch.Tensor:
+        """The weak view the teacher sees (the student's own view when there is only one)."""
+        return self.input if self.teacher_input is None else self.teacher_input
+
+    @property
+    def labelled(self) -> slice:
+        return slice(None, self.num_labelled)
+
+    @property
+    def has_unlabelled(self) -> bool:
+        return self.num_labelled is not None and self.num_labelled < len(self.target)
 
 
 @dataclass
@@ -50,11 +72,12 @@ class MethodContext:
     teacher_probe: TapOutputs | None
     num_classes: int
     teacher_num_classes: int | None
-    num_train_samples: int
+    num_train_samples: int  # rows the batch index can take: labelled training tiles + unlabelled pool
     same_label_space: bool
     kl_weight: float | None = None  # weight of the task's shared KL term (None: not known)
-    batch_size: int | None = None  # samples per step in one process (SemCKD embeds batch similarities)
-    train_targets: torch.Tensor | None = None  # class of each training row (CRD draws negatives of other classes)
+    batch_size: int | None = None  # samples per step in one process, pool tiles included (SemCKD embeds batch similarities)
+    train_targets: torch.Tensor | None = None  # class of each row, UNLABELLED for pool rows (CRD draws negatives of other classes)
+    num_unlabelled: int = 0  # tiles in the unlabelled pool (rows num_train_samples - num_unlabelled ..)
     teacher_class_order: list[int] | None = None  # teacher class index of each student class, when they differ
     total_steps: int | None = None  # optimiser steps of the whole run (schedules tied to the run's length)
 
@@ -75,6 +98,11 @@ class DistillMethod(nn.Module):
     teacher_is_updated: ClassVar[bool] = False
     # Some student parameters get no gradient (SimKD's own classifier): DDP must look for unused ones.
     student_has_unused_parameters: ClassVar[bool] = False
+    # Its terms can use tiles without labels (the unlabelled pool): False for a method that needs
+    # every tile's class; asked to use a pool, such a method is refused with a one-line reason.
+    uses_unlabelled: ClassVar[bool] = True
+    # Compares a weak and a strong view of each tile (FixMatch): needs data.strong_augment.
+    needs_strong_view: ClassVar[bool] = False
     default_ce_weight: ClassVar[float] = 1.0
     default_kl_weight: ClassVar[float] = 0.0
 

@@ -167,6 +167,9 @@ class CRD(DistillMethod):
             log.warning("crd: the training labels are not known here; negatives are drawn from every other image")
             return False
         targets = torch.as_tensor(targets, dtype=torch.long).cpu()
+        if (targets < 0).any():
+            log.warning("crd: the unlabelled pool has no classes; negatives are drawn from every other image")
+            return False
         count = torch.bincount(targets)
         if (self.num_data - count[targets]).min() < 1:
             log.warning("crd: the training set has a single class; negatives are drawn from every other image")

@@ -83,5 +83,7 @@ class DKD(DistillMethod):
 
     def forward(self, student, teacher, batch):
         p = self.params
-        loss = dkd_loss(student.logits, teacher.logits, batch.target, p.alpha, p.beta, p.temperature)
+        # A pool tile has no label: its "target class" is the teacher's prediction.
+        target = torch.where(batch.target >= 0, batch.target, teacher.logits.argmax(1))
+        loss = dkd_loss(student.logits, teacher.logits, target, p.alpha, p.beta, p.temperature)
         return {"dkd": warmup_factor(self.epoch, p.warmup_epochs) * loss}

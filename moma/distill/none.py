@@ -12,6 +12,7 @@ class NoDistillation(DistillMethod):
     summary = "no distillation: the student trained with cross-entropy only (the 'vanilla' row)"
     reference = "-"
     requires_teacher = False
+    uses_unlabelled = False  # cross-entropy only: nothing learns from a tile without a label
 
     def forward(self, student, teacher, batch):
         return {}

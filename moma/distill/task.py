@@ -92,13 +92,15 @@ class DistillationTask(nn.Module):
         start = time.perf_counter()
         teacher_out = None
         if self.teacher is not None:
-            teacher_out = self.method.teacher_forward(self.teacher, self.teacher_input(batch.input))
+            teacher_out = self.method.teacher_forward(self.teacher, self.teacher_input(batch.weak_input))
             teacher_out.logits = self._teacher_logits(teacher_out.logits)  # methods see the student's class order
-        terms = dict(self.method(student_out, teacher_out, batch))
+        terms = dict(self.method(student_out, teacher_out, batch))  # on every row, pool tiles included
         self.extras_seconds = time.perf_counter() - start
         logits = self.method.student_logits(student_out)
         if self.ce_weight:
-            terms["ce"] = F.cross_entropy(logits.float(), batch.target, label_smoothing=self.label_smoothing)
+            labelled = batch.labelled  # cross-entropy never sees a pool tile
+            terms["ce"] = F.cross_entropy(logits[labelled].float(), batch.target[labelled],
+                                          label_smoothing=self.label_smoothing)
         if self.kl_weight and teacher_out is not None:
             terms["kl"] = kd_loss(student_out.logits, teacher_out.logits, self.kl_temperature)
         weights = self.loss_weights()

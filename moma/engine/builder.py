@@ -15,8 +15,9 @@ from moma.data.dataset import TileDataset
 from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_split, split_table
 from moma.data.subsample import subsample_train
 from moma.data.tiles import TileTable, scan_tiles
-from moma.data.transforms import build_eval_transform, build_train_transform
-from moma.distill.base import DistillMethod, MethodContext, MethodParams
+from moma.data.transforms import build_eval_transform, build_student_transform
+from moma.data.unlabelled import UnlabelledDataset, check_pool_leakage, scan_pool
+from moma.distill.base import UNLABELLED, DistillMethod, MethodContext, MethodParams
 from moma.distill.registry import applicable_methods, get_method, not_applicable_reason
 from moma.distill.task import DistillationTask, InputAdapter
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
@@ -34,10 +35,15 @@ class DataBundle:
     train: TileDataset
     val: TileDataset
     test: TileDataset
+    unlabelled: UnlabelledDataset | None = None  # the pool for the distillation terms (data.unlabelled)
 
     @property
     def classes(self) -> list[str]:
         return self.table.classes
+
+    @property
+    def num_unlabelled(self) -> int:
+        return 0 if self.unlabelled is None else len(self.unlabelled)
 
 
 def make_split(cfg: Config, table: TileTable, saved_split: Path | None = None) -> pd.DataFrame:
@@ -68,11 +74,21 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
     if len(parts["test"]) == 0:
         log.warning("the test split is empty: only validation metrics will be reported")
     common = dict(image_size=cfg.data.image_size, cache=cfg.data.cache, skip_bad=cfg.data.skip_bad, progress=progress)
-    train = TileDataset(parts["train"], transform=build_train_transform(cfg.augment), description="train tiles", **common)
+    train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment)
+    train = TileDataset(parts["train"], transform=train_transform, description="train tiles", **common)
     evaluation = build_eval_transform(cfg.augment)
     val = TileDataset(parts["val"], transform=evaluation, description="val tiles", **common)
     test = TileDataset(parts["test"], transform=evaluation, description="test tiles", **common) if len(parts["test"]) else None
-    return DataBundle(table, split, train, val, test)
+    pool = None
+    if cfg.data.unlabelled:
+        held_out = table.subset(table.frame["rel_path"].isin(split.loc[split["split"].isin(["val", "test"]), "rel_path"]).to_numpy())
+        pool_table = scan_pool(cfg.data.unlabelled, table, split, cfg.data.group_column)
+        check_pool_leakage(pool_table, held_out, cfg.data.allow_group_overlap)
+        pool = UnlabelledDataset(pool_table, cfg.data.image_size, train_transform)
+        log.info("unlabelled pool: %d tiles from %s; %d per step beside %d labelled (distill.unlabelled_ratio=%d)",
+                 len(pool), ", ".join(cfg.data.unlabelled), cfg.distill.unlabelled_ratio * cfg.optim.batch_size,
+                 cfg.optim.batch_size, cfg.distill.unlabelled_ratio)
+    return DataBundle(table, split, train, val, test, pool)
 
 
 @dataclass
@@ -198,18 +214,29 @@ def prepare_distillation(cfg: Config) -> DistillSetup:
             _check_same_architecture(cfg, method_cls, teacher)
     if cfg.distill.student_init == "teacher":
         _check_teacher_init(cfg, teacher)
+    _check_views_and_pool(cfg, method_cls)
     weights_file = student_weights_file(cfg)
     weights = read_state_dict(weights_file) if weights_file else None
     return DistillSetup(method_cls, params, teacher, weights)
 
 
+def _check_views_and_pool(cfg: Config, method_cls: type[DistillMethod]) -> None:
+    if cfg.data.unlabelled and not method_cls.uses_unlabelled:
+        raise ConfigError(f"distill.method '{method_cls.name}' has no term that can learn from unlabelled tiles; "
+                          "remove data.unlabelled (--unlabelled) or choose a method that uses them (see `moma methods`)")
+    if method_cls.needs_strong_view and not cfg.data.strong_augment:
+        raise ConfigError(f"distill.method '{method_cls.name}' compares a weak and a strong view of each tile; "
+                          "set data.strong_augment=true")
+
+
 def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.device,
                train_targets: torch.Tensor | None = None, setup: DistillSetup | None = None,
-               total_steps: int | None = None) -> tuple[DistillationTask, dict]:
+               total_steps: int | None = None, num_unlabelled: int = 0) -> tuple[DistillationTask, dict]:
     """The distillation task for this config, on ``device``; also a dict describing the setup.
     ``train_targets``: the class index of each training row (methods that sample by class use it).
     ``setup``: from :func:`prepare_distillation` (called here when not given).
-    ``total_steps``: optimiser steps of the run (methods with schedules tied to it use it)."""
+    ``total_steps``: optimiser steps of the run (methods with schedules tied to it use it).
+    ``num_unlabelled``: tiles in the unlabelled pool; their batch indices follow the ``num_train`` labelled rows."""
     setup = setup if setup is not None else prepare_distillation(cfg)
     method_cls, params, teacher = setup.method_cls, setup.params, setup.teacher
     same_labels = teacher is not None and sorted(teacher.meta.class_names) == sorted(classes)
@@ -230,11 +257,12 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         teacher_probe=_probe(teacher_tap, cfg.data.image_size, device) if teacher_tap is not None else None,
         num_classes=len(classes),
         teacher_num_classes=teacher.meta.num_classes if teacher is not None else None,
-        num_train_samples=num_train,
+        num_train_samples=num_train + num_unlabelled,
         same_label_space=same_labels,
         kl_weight=kl_weight,
-        batch_size=cfg.optim.batch_size,
-        train_targets=train_targets,
+        batch_size=cfg.optim.batch_size * (1 + cfg.distill.unlabelled_ratio if num_unlabelled else 1),
+        train_targets=_row_targets(train_targets, num_unlabelled),
+        num_unlabelled=num_unlabelled,
         teacher_class_order=class_order,
         total_steps=total_steps,
     )
@@ -263,6 +291,14 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
                                                  "classes": teacher.meta.class_names, "mpp": teacher.meta.mpp},
     }
     return task, info
+
+
+def _row_targets(train_targets: torch.Tensor | None, num_unlabelled: int) -> torch.Tensor | None:
+    """The class of every batch-index row: the labelled tiles', then UNLABELLED for the pool."""
+    if train_targets is None or not num_unlabelled:
+        return train_targets
+    pool = torch.full((num_unlabelled,), UNLABELLED, dtype=torch.long)
+    return torch.cat([torch.as_tensor(train_targets, dtype=torch.long), pool])
 
 
 def _resolve_kl_weight(cfg: Config, method_cls, same_labels: bool, has_teacher: bool) -> float:

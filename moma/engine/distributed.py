@@ -175,6 +175,44 @@ class EpochSampler(Sampler):
         return len(self._distributed) if self._distributed is not None else self.num_samples
 
 
+class PoolSampler(Sampler):
+    """Draws from the unlabelled pool for one round (epoch) of training: ``set_round(epoch, count)``.
+
+    The draws of the whole run form one stream: position t of a rank's stream is global position
+    g = t * world_size + rank, which is element g mod n of the seeded permutation number g // n of the
+    pool. Round e covers stream positions [e * count, (e + 1) * count). So every tile is drawn once
+    before any is drawn again, ranks never draw the same position, nothing is read up front, and a
+    resumed run draws exactly what it would have drawn. Yields ``(row, augmentation seed)``."""
+
+    def __init__(self, num_samples: int, seed: int, info: DistInfo):
+        self.num_samples = num_samples
+        self.seed = seed
+        self.rank, self.world = (info.rank, info.world_size) if info.enabled else (0, 1)
+        self.start = 0
+        self.count = 0
+        self._cycle = -1
+        self._perm: torch.Tensor | None = None
+
+    def set_round(self, round_id: int, count: int) -> None:
+        self.start, self.count = round_id * count, count
+
+    def _permutation(self, cycle: int) -> torch.Tensor:
+        if cycle != self._cycle:
+            generator = torch.Generator().manual_seed(sample_seed(self.seed, cycle, 0x5EED) % (2**31 - 1))
+            self._perm, self._cycle = torch.randperm(self.num_samples, generator=generator), cycle
+        return self._perm
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        for t in range(self.start, self.start + self.count):
+            g = t * self.world + self.rank
+            cycle, position = divmod(g, self.num_samples)
+            row = int(self._permutation(cycle)[position])
+            yield row, sample_seed(self.seed + 1, cycle, row)
+
+    def __len__(self) -> int:
+        return self.count
+
+
 # ----------------------------------------------------------------------------- models
 
 

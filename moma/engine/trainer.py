@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 from moma.config import Config
-from moma.distill.base import Batch
+from moma.distill.base import UNLABELLED, Batch
 from moma.engine import distributed as dist_utils
 from moma.engine.builder import DataBundle, build_data, build_task, prepare_distillation
 from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
@@ -59,7 +59,7 @@ from moma.engine.state import (
     save_training_state,
     set_rng_state,
 )
-from moma.errors import MomaError
+from moma.errors import DataError, MomaError
 from moma.metrics import summary
 from moma.utils.collectives import all_gather_rows, unshuffle
 from moma.utils.io import atomic_write_json, atomic_write_text
@@ -88,7 +88,7 @@ class Trainer:
         self.total_steps = sum(self._round_steps(epoch) for epoch in range(cfg.optim.epochs))
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
                                                 train_targets=self.data.train.targets, setup=setup,
-                                                total_steps=self.total_steps)
+                                                total_steps=self.total_steps, num_unlabelled=self.data.num_unlabelled)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -106,6 +106,9 @@ class Trainer:
         self.writer = None
         self._sampler: dist_utils.EpochSampler | None = None
         self._loader: DataLoader | None = None
+        self._pool_sampler: dist_utils.PoolSampler | None = None
+        self._pool_loader: DataLoader | None = None
+        self.pool_skipped: list[str] = []  # unreadable pool tiles met (data.skip_bad)
 
     # ----------------------------------------------------------------- setup helpers
     def _num_workers(self) -> int:
@@ -182,9 +185,65 @@ class Trainer:
         self._sampler.set_epoch(epoch)
         return self._loader
 
+    def pool_loader(self, epoch: int, steps: int) -> DataLoader:
+        """Batches of ``distill.unlabelled_ratio`` x batch size pool tiles for the ``steps`` steps of
+        round ``epoch`` (see :class:`~moma.engine.distributed.PoolSampler`)."""
+        per_step = self.cfg.distill.unlabelled_ratio * self.cfg.optim.batch_size
+        if self._pool_loader is None:
+            workers = self._num_workers()
+            self._pool_sampler = dist_utils.PoolSampler(len(self.data.unlabelled), self.cfg.run.seed, self.dist)
+            self._pool_loader = DataLoader(
+                self.data.unlabelled, batch_size=per_step, sampler=self._pool_sampler, num_workers=workers,
+                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                generator=torch.Generator().manual_seed(self.cfg.run.seed),
+            )
+        self._pool_sampler.set_round(epoch, steps * per_step)
+        return self._pool_loader
+
     def close(self) -> None:
-        """Stop the loader's workers (a comparison grid trains many models in one process)."""
+        """Stop the loaders' workers (a comparison grid trains many models in one process)."""
         self._loader = None
+        self._pool_loader = None
+
+    def _to_device(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(student view, teacher's weak view or None) on the device; the loader gives one tensor,
+        or a (strong, weak) pair with data.strong_augment."""
+        views = list(images) if isinstance(images, (list, tuple)) else [images]
+        views = [v.to(self.device, non_blocking=True) for v in views]
+        if self.channels_last:
+            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
+        return views[0], (views[1] if len(views) > 1 else None)
+
+    def _make_batch(self, labelled: tuple, pool: tuple | None) -> Batch:
+        """The step's batch: the labelled tiles, then the pool's (target UNLABELLED, index after the
+        labelled rows) when there is a pool."""
+        images, targets, index = labelled
+        student, weak = self._to_device(images)
+        targets, index = targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+        if pool is None:
+            return Batch(student, targets, index, teacher_input=weak)
+        pool_images, pool_rows, skipped = pool
+        self._note_skipped(skipped)
+        pool_student, pool_weak = self._to_device(pool_images)
+        n = len(targets)
+        pool_rows = pool_rows.to(self.device, non_blocking=True) + len(self.data.train)
+        return Batch(
+            torch.cat([student, pool_student]),
+            torch.cat([targets, torch.full_like(pool_rows, UNLABELLED)]),
+            torch.cat([index, pool_rows]),
+            teacher_input=None if weak is None else torch.cat([weak, pool_weak]),
+            num_labelled=n,
+        )
+
+    def _note_skipped(self, skipped: list[str]) -> None:
+        bad = [path for path in skipped if path]
+        if not bad:
+            return
+        if not self.cfg.data.skip_bad:
+            raise DataError(f"unlabelled tile {bad[0]}: cannot read image; fix or remove it, or pass --skip-bad")
+        for path in bad:
+            log.warning("skipped unreadable unlabelled tile %s", path)
+        self.pool_skipped += bad
 
     # ----------------------------------------------------------------- checkpoints
     def metadata(self, epoch: int, val_metrics: dict) -> ModelMetadata:
@@ -258,11 +317,9 @@ class Trainer:
         limit = self._round_steps(epoch)
         bar = tqdm(total=limit, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", disable=not self.progress, leave=False)
         tick = time.perf_counter()
-        for step, (images, targets, index) in enumerate(self._epoch_batches(epoch, limit)):
-            images = images.to(self.device, non_blocking=True)
-            if self.channels_last:
-                images = images.contiguous(memory_format=torch.channels_last)
-            batch = Batch(images, targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True))
+        pool = iter(self.pool_loader(epoch, limit)) if self.data.unlabelled is not None else None
+        for step, labelled in enumerate(self._epoch_batches(epoch, limit)):
+            batch = self._make_batch(labelled, next(pool) if pool is not None else None)
             loaded = self._clock()
             out = self._step(batch, epoch, step)
             done = self._clock()
@@ -270,8 +327,8 @@ class Trainer:
             times.compute += done - loaded
             times.extras += self.task.extras_seconds
             times.steps += 1
-            times.images += len(images)
-            n = len(images)
+            times.images += len(batch.target)
+            n = len(batch.target)
             seen += n
             for name, value in out["values"].items():
                 sums[name] = sums.get(name, 0.0) + value * n
@@ -423,7 +480,9 @@ class Trainer:
         results["optimizer_steps"] = total.steps
         results["peak_memory_mb"] = _peak_memory_mb(self.device)
         results["data"] = {name: len(ds) if ds is not None else 0 for name, ds in
-                           (("train", self.data.train), ("val", self.data.val), ("test", self.data.test))}
+                           (("train", self.data.train), ("val", self.data.val), ("test", self.data.test),
+                            ("unlabelled", self.data.unlabelled))}
+        results["skipped_unlabelled_tiles"] = len(self.pool_skipped)
         results["history"] = self.state.history  # every epoch's row of summary.csv
         results["skipped_tiles"] = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
         atomic_write_json(self.run_dir / METRICS_NAME, results)
