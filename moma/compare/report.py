@@ -16,7 +16,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
-from moma.compare.config import ALL, CompareConfig  # noqa: E402
+from moma.compare.config import ALL, POOL_SEPARATOR, CompareConfig  # noqa: E402
 from moma.compare.grid import TeacherInfo  # noqa: E402
 from moma.compare.results import COST_COLUMNS  # noqa: E402
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, STATUSES, failure_rows  # noqa: E402
@@ -291,9 +291,18 @@ def curve_points(results: pd.DataFrame, setting: str, method: str, metric: str =
     return pd.DataFrame(rows, columns=["size", "x", "mean", "half"]).sort_values("x")
 
 
+def curve_style(method: str, colours: dict[str, tuple]) -> dict:
+    """A method entry's line: the colour of its method; dashed, and named so, with an unlabelled pool."""
+    base, _, pool = method.partition(POOL_SEPARATOR)
+    if not pool:
+        return {"color": colours[base], "label": method, "linestyle": "-"}
+    return {"color": colours[base], "label": f"{base} with unlabelled tiles ({pool})", "linestyle": "--"}
+
+
 def plot_learning_curve(results: pd.DataFrame, setting: str, methods: list[str], path: Path, title: str) -> bool:
-    """Test macro F1 against labelled tiles per class (log x), mean and 95% CI band per method."""
-    colours = _colours(methods)
+    """Test macro F1 against labelled tiles per class (log x), mean and 95% CI band per method; a
+    method run with an unlabelled pool is drawn dashed in its method's colour."""
+    colours = _colours(list(dict.fromkeys(m.partition(POOL_SEPARATOR)[0] for m in methods)))
     fig, ax = plt.subplots(figsize=(6.4, 4.4))
     drawn = False
     ticks: set[float] = set()
@@ -304,10 +313,11 @@ def plot_learning_curve(results: pd.DataFrame, setting: str, methods: list[str],
         drawn = True
         ticks.update(points["x"].round(1))
         x, mean, half = points["x"].to_numpy(), points["mean"].to_numpy(), points["half"].to_numpy()
-        ax.plot(x, mean, marker="o", color=colours[method], label=method)
+        style = curve_style(method, colours)
+        ax.plot(x, mean, marker="o", **style)
         band = np.isfinite(half)
         if band.any():
-            ax.fill_between(x[band], (mean - half)[band], (mean + half)[band], color=colours[method], alpha=0.18)
+            ax.fill_between(x[band], (mean - half)[band], (mean + half)[band], color=style["color"], alpha=0.15)
     if not drawn:
         plt.close(fig)
         return False
