@@ -148,12 +148,26 @@ def cmd_evaluate(args) -> int:
     from moma.engine.inference import evaluate_checkpoint
     from moma.metrics import summary
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).resolve().parent / "evaluation"
+    out = _evaluation_folder(args.checkpoint, args.out)
     metrics = evaluate_checkpoint(args.checkpoint, args.data, out, resolve_device(args.device), split_file=args.split_file,
                                   split=args.split, mpp=args.mpp, batch_size=args.batch_size, skip_bad=args.skip_bad)
     print(json.dumps(summary(metrics), indent=2))
     print(f"reports written to {out}")
     return 0
+
+
+def _evaluation_folder(checkpoint: str, out: str | None) -> Path:
+    """A folder no earlier evaluation wrote: --out if new or empty, else ``evaluation`` (then
+    ``evaluation-2``, ...) in the run folder of the checkpoint."""
+    from moma.engine.runs import create_run_dir
+
+    if out:
+        folder = Path(out)
+        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
+            raise ConfigError(f"--out {folder} exists and is not empty; choose a new folder (nothing is overwritten)")
+        return folder
+    source = Path(checkpoint).resolve()
+    return create_run_dir(source if source.is_dir() else source.parent, "evaluation")
 
 
 def cmd_predict(args) -> int:
@@ -339,7 +353,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--split-file", help="evaluate one split of this split.csv (e.g. a run's)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
     evaluate.add_argument("--mpp", type=float, help="microns per pixel of the data (checked against the model's)")
-    evaluate.add_argument("--out", help="output folder (default: <checkpoint folder>/evaluation)")
+    evaluate.add_argument("--out", help="a new output folder (default: evaluation, evaluation-2, ... in the run folder)")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--device", default="auto")
     evaluate.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles (and say how many)")
@@ -361,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     imported = sub.add_parser("import-teacher", help="turn an external model (timm/torchvision weights, a timm folder) "
                                                      "into a teacher checkpoint")
-    imported.add_argument("source", help="weights file (.safetensors/.pth/.pt/.bin) or a timm save_pretrained folder")
+    imported.add_argument("source", help="weights file (.safetensors/.pth/.pt/.bin) or a Hugging Face hub folder (config.json + weights)")
     imported.add_argument("--arch", help="timm model name (read from config.json for a folder)")
     labels = imported.add_mutually_exclusive_group()
     labels.add_argument("--classes", help="class names in the classifier's output order, comma-separated")

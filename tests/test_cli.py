@@ -70,6 +70,10 @@ def test_train_evaluate_predict_info_end_to_end(tmp_path):
     saved = json.loads((run / "metrics.json").read_text())["best"]["test"]
     assert scores["accuracy"] == pytest.approx(saved["accuracy"])  # same tiles, same model, same number
     assert (tmp_path / "eval" / "confusion_eval.png").is_file()
+    assert_one_line_error(moma("evaluate", run, root, "--out", tmp_path / "eval"), "exists and is not empty")
+    for expected in ("evaluation", "evaluation-2"):  # the default folder is per run and never overwritten
+        again = moma("evaluate", run, root, "--split-file", run / "split.csv")
+        assert again.returncode == 0 and f"reports written to {run / expected}" in again.stdout, again.stderr
 
     predicted = moma("predict", run / "best.safetensors", root / "tumour", "--out", tmp_path / "pred.csv")
     assert predicted.returncode == 0, predicted.stderr

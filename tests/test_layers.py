@@ -15,28 +15,47 @@ LOWER = ("data", "models", "distill", "utils")
 SHARED = ("config.py", "metrics.py", "errors.py")
 
 
-def imported_modules(path: Path) -> set[str]:
-    """Every module a file imports, at the top or inside a function (absolute names)."""
+def _from_module(node: ast.ImportFrom, path: Path, package: Path) -> str | None:
+    """The absolute module of ``from X import ...``; a relative one (``from ..engine import x``)
+    is resolved against the file's place in ``package`` (the ``moma`` folder)."""
+    if node.level == 0:
+        return node.module
+    parts = ["moma", *path.relative_to(package).parent.parts]
+    if node.level > len(parts):
+        return None  # beyond the top of the package: Python refuses it anyway
+    parts = parts[: len(parts) - (node.level - 1)]
+    return ".".join(parts + ([node.module] if node.module else []))
+
+
+def imported_modules(path: Path, package: Path = PACKAGE) -> set[str]:
+    """Every module a file imports, at the top or inside a function, relative imports included
+    (absolute names)."""
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(), str(path))):
         if isinstance(node, ast.Import):
             names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            module = _from_module(node, path, package)
+            if module:
+                names.add(module)
+                names.update(f"{module}.{alias.name}" for alias in node.names)
     return names
 
 
-def upward_imports(path: Path) -> list[str]:
-    return sorted(n for n in imported_modules(path) if n in UPPER or n.startswith(tuple(f"{u}." for u in UPPER)))
+def upward_imports(path: Path, package: Path = PACKAGE) -> list[str]:
+    return sorted(n for n in imported_modules(path, package) if n in UPPER or n.startswith(tuple(f"{u}." for u in UPPER)))
+
+
+def layer_offenders(package: Path, layer: str) -> dict[str, list[str]]:
+    files = sorted((package / layer).rglob("*.py")) if (package / layer).is_dir() else [package / layer]
+    assert files, layer
+    offenders = {str(p.relative_to(package)): upward_imports(p, package) for p in files}
+    return {k: v for k, v in offenders.items() if v}
 
 
 @pytest.mark.parametrize("layer", LOWER + SHARED)
 def test_lower_layers_never_import_engine_compare_or_cli(layer):
-    files = sorted((PACKAGE / layer).rglob("*.py")) if (PACKAGE / layer).is_dir() else [PACKAGE / layer]
-    assert files, layer
-    offenders = {str(p.relative_to(PACKAGE)): upward_imports(p) for p in files}
-    assert {k: v for k, v in offenders.items() if v} == {}
+    assert layer_offenders(PACKAGE, layer) == {}
 
 
 def test_utils_depend_on_nothing_but_errors():
@@ -49,3 +68,12 @@ def test_the_check_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from moma.engine.io import atomic_path\n    import moma.cli\n")
     assert upward_imports(bad) == ["moma.cli", "moma.engine.io", "moma.engine.io.atomic_path"]
+
+
+def test_the_check_sees_a_relative_upward_import_planted_in_a_copy_of_the_package(tmp_path):
+    import shutil
+
+    copy = tmp_path / "moma"
+    shutil.copytree(PACKAGE, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    (copy / "data" / "planted.py").write_text("from ..engine import trainer\nfrom .. import cli\nfrom . import tiles\n")
+    assert layer_offenders(copy, "data") == {"data/planted.py": ["moma.cli", "moma.engine", "moma.engine.trainer"]}

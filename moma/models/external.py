@@ -2,7 +2,7 @@
 
 Reads a timm state dict (``.safetensors``, or a torch file ``.pth``/``.pt``/``.bin``, bare or
 wrapped in ``state_dict``/``model``, with ``module.`` prefixes), a folder in the layout of timm's
-``save_pretrained``/``push_to_hub`` (``config.json`` + ``model.safetensors`` or
+``save_for_hf``/``push_to_hub`` (``config.json`` + ``model.safetensors`` or
 ``pytorch_model.bin``), and renames two foreign layouts to timm's: torchvision EfficientNet
 (``features.*``) and EfficientNet-PyTorch (``_conv_stem``/``_blocks.N``), the latter being what
 the official MoMA code trains. torchvision ResNets already use timm's names.
@@ -69,7 +69,7 @@ def detect_format(path: Path) -> str:
             return "safetensors"
     raise CheckpointError(
         f"{path}: unknown weights format (not safetensors, not a torch.save file); give a .safetensors, "
-        ".pth/.pt/.bin state dict or a timm save_pretrained folder"
+        ".pth/.pt/.bin state dict or a Hugging Face hub folder (config.json + weights)"
     )
 
 
@@ -144,7 +144,7 @@ class FolderConfig:
 
 
 def read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], FolderConfig]:
-    """Weights and configuration from a folder written by timm's ``save_pretrained``/``push_to_hub``."""
+    """Weights and configuration from a folder written by timm's ``save_for_hf``/``push_to_hub``."""
     config_path = folder / CONFIG_FILE
     if not config_path.is_file():
         raise CheckpointError(f"{folder}: not a timm model folder (no {CONFIG_FILE}); give a weights file and --arch instead")
