@@ -63,9 +63,9 @@ class DataConfig(Section):
         "the labelled subset, labels hidden)")
     allow_group_overlap: bool = Field(False, description="let the unlabelled pool share patients/slides with "
                                       "validation and test (refused by default)")
-    strong_augment: bool = Field(False, description="the student sees a strong view (RandAugment, stronger stain "
-                                 "jitter, colour jitter, blur) of the tile whose weak view (flips, 90-degree "
-                                 "rotations) the teacher sees")
+    strong_augment: bool = Field(False, description="two views: the teacher sees a weak view (flips, 90-degree "
+                                 "rotations) and the student a strong one (the same plus RandAugment and stain jitter, "
+                                 "and augment.strong_* if set); off: both see the training augmentation's one view")
     skip_bad: bool = False
     cache: bool = Field(True, description="decode every tile once and keep it in memory")
     num_workers: int | Literal["auto"] = "auto"
@@ -98,12 +98,12 @@ class AugmentConfig(Section):
     ra_num_ops: int = Field(2, ge=0, le=10)
     ra_magnitude: int = Field(10, ge=0, le=30)
     stain_jitter: float = Field(0.0, ge=0.0, le=0.5, description="HED colour jitter strength (0 = off)")
-    strong_stain_jitter: float = Field(0.1, ge=0.0, le=0.5, description="data.strong_augment: HED jitter of the "
-                                       "student's strong view")
-    strong_color_jitter: float = Field(0.2, ge=0.0, le=1.0, description="data.strong_augment: brightness, contrast "
-                                       "and saturation jitter of the strong view (hue a quarter of it)")
-    strong_blur: float = Field(0.5, ge=0.0, le=1.0, description="data.strong_augment: probability of a Gaussian "
-                               "blur (sigma 0.1 to 1.5) in the strong view")
+    strong_stain_jitter: float = Field(0.0, ge=0.0, le=0.5, description="data.strong_augment: extra HED jitter of "
+                                       "the student's strong view (0 = off)")
+    strong_color_jitter: float = Field(0.0, ge=0.0, le=1.0, description="data.strong_augment: brightness, contrast "
+                                       "and saturation jitter of the strong view, hue a quarter of it (0 = off)")
+    strong_blur: float = Field(0.0, ge=0.0, le=1.0, description="data.strong_augment: probability of a Gaussian "
+                               "blur (sigma 0.1 to 1.5) in the strong view (0 = off)")
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

@@ -402,8 +402,9 @@ def test_curves_paper_gpu_and_demo_configs_parse():
         assert cfg.methods["moma_official"].params == {"preset": "official-code"}
         assert cfg.base["optim"]["total_steps"] >= 120
     demo = CompareConfig.model_validate(read_yaml(ROOT / "configs" / "demo" / "demo.yaml"))
-    assert demo.sizes() == ["8", "24", "all"] and list(demo.methods) == ["none", "moma"]
+    assert demo.sizes() == ["2", "8", "all"] and demo.methods_of("same") == ["none", "moma", "kd+rest"]
     assert demo.settings["same"].distill["student_init"] == "scratch"
+    assert demo.pool_source("kd+rest") == "rest"  # the demo's curve has a line with unlabelled tiles
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "compare").glob("*.yaml")), ids=lambda p: p.name)

@@ -6,8 +6,9 @@ normalisation only. The mean/std used are stored in every checkpoint.
 
 Two views (``data.strong_augment``, as Noisy Student and FixMatch): one decode and one geometric
 draw (flips, 90-degree rotations) give the teacher's *weak* view; the student's *strong* view adds
-RandAugment, a stronger H&E stain jitter (Tellez et al. 2018), colour jitter and blur to the same
-geometric view, so both networks look at the same tissue in the same orientation.
+the training transform's RandAugment and stain jitter to the same geometric view (so a student
+sees what it sees without a teacher), and optionally more H&E stain jitter (Tellez et al. 2018),
+colour jitter and blur (``augment.strong_*``, off by default).
 """
 
 from __future__ import annotations
@@ -37,15 +38,7 @@ def normalize_transform(aug: AugmentConfig) -> v2.Compose:
 
 
 def build_train_transform(aug: AugmentConfig) -> v2.Compose:
-    steps = _geometric_steps(aug)
-    if aug.randaugment and aug.ra_num_ops > 0:
-        fill = [int(round(255 * m)) for m in aug.mean]
-        steps.append(
-            v2.RandAugment(num_ops=aug.ra_num_ops, magnitude=aug.ra_magnitude * _TIMM_LEVEL_TO_TV_BIN,
-                           num_magnitude_bins=31, fill=fill)
-        )
-    if aug.stain_jitter > 0:
-        steps.append(HEDJitter(aug.stain_jitter))
+    steps = _geometric_steps(aug) + _photometric_steps(aug)
     return v2.Compose(steps + list(normalize_transform(aug).transforms))
 
 
@@ -64,12 +57,23 @@ def _geometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
     return steps
 
 
-def _strong_photometric(aug: AugmentConfig) -> v2.Compose:
+def _photometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
+    """What the training transform adds to the geometric draw: RandAugment and H&E stain jitter."""
     steps: list[torch.nn.Module] = []
     if aug.randaugment and aug.ra_num_ops > 0:
         fill = [int(round(255 * m)) for m in aug.mean]
         steps.append(v2.RandAugment(num_ops=aug.ra_num_ops, magnitude=aug.ra_magnitude * _TIMM_LEVEL_TO_TV_BIN,
                                     num_magnitude_bins=31, fill=fill))
+    if aug.stain_jitter > 0:
+        steps.append(HEDJitter(aug.stain_jitter))
+    return steps
+
+
+def _strong_photometric(aug: AugmentConfig) -> v2.Compose:
+    """The strong view: the training transform's RandAugment and stain jitter, plus the optional
+    extras (off by default: at 64 px and 80 steps they cost the labels-only student from random
+    weights about 0.3 macro F1; BENCHMARKS.md)."""
+    steps = _photometric_steps(aug)
     if aug.strong_stain_jitter > 0:
         steps.append(HEDJitter(aug.strong_stain_jitter))
     if aug.strong_color_jitter > 0:
