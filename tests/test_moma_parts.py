@@ -86,7 +86,7 @@ def test_queue_state_is_persistent():
     queue = KeyQueue(4, 2)
     queue.enqueue(rows(1, 2, 3))
     state = queue.state_dict()
-    assert set(state) == {"keys", "ptr"} and int(state["ptr"]) == 3
+    assert set(state) == {"keys", "ptr", "owners"} and int(state["ptr"]) == 3
     restored = KeyQueue(4, 2)
     restored.load_state_dict(state)
     assert torch.equal(restored.keys, queue.keys) and int(restored.ptr) == 3
@@ -102,6 +102,36 @@ def test_staged_keys_are_written_once_on_commit():
     assert int(queue.ptr) == 2
     queue.stage(rows(3))
     assert "_staged" not in queue.state_dict()  # a checkpoint is taken after the commit
+
+
+def test_the_queue_masks_unwritten_slots_and_each_query_s_own_keys():
+    queue = KeyQueue(5, 2)
+    queue.enqueue(rows(1, 2, 3), owners=torch.tensor([7, 3, 7]))
+    queue.enqueue(rows(4))  # an owner not known: never masked as anyone's own key
+    mask = queue.negative_mask(torch.tensor([7, 3, 9]))
+    assert mask.tolist() == [
+        [False, True, False, True, False],  # sample 7: its two earlier keys and the unwritten slot 4 left out
+        [True, False, True, True, False],
+        [True, True, True, True, False],
+    ]
+    queue.enqueue(rows(5, 6), owners=torch.tensor([9, 9]))  # wraps: slot 4, then slot 0 (was sample 7's)
+    assert queue.owners.tolist() == [9, 3, 7, -2, 9]
+    assert queue.negative_mask(torch.tensor([9])).tolist() == [[False, True, True, True, False]]
+
+
+def test_masked_negatives_leave_the_denominator():
+    q = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=1)
+    k = q.clone()
+    queue = torch.tensor([[0.0, 1.0], [1.0, 0.0], [0.6, 0.8]])
+    mask = torch.tensor([[True, False, True], [False, True, True]])
+    tau = 0.5
+    loss = infonce_loss(q, k, queue, tau, mask)
+    expected = 0.0
+    for i, keep in enumerate(mask):
+        logits = [float(q[i] @ k[i]) / tau] + [float(q[i] @ queue[j]) / tau for j in range(3) if keep[j]]
+        expected += -logits[0] + math.log(sum(math.exp(v) for v in logits))
+    assert float(loss) == pytest.approx(expected / 2, rel=1e-6)
+    assert float(loss) < float(infonce_loss(q, k, queue, tau))  # the masked slots were hard negatives
 
 
 def test_queue_size_auto_is_clamped_to_the_training_set():
@@ -254,8 +284,10 @@ def test_mean_pairwise_cosine_by_hand():
 def test_contrast_diagnostics_by_hand():
     query = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     positive = torch.tensor([[1.0, 0.1], [0.0, 1.0], [0.0, 1.0]])  # query 3 scores key 2 as high as its own
-    out = contrast_diagnostics(query, positive, queue_size=99)
+    out = contrast_diagnostics(query, positive, negatives=99)
     assert float(out["nce_chance"]) == pytest.approx(math.log(100))
+    per_query = contrast_diagnostics(query, positive, negatives=torch.tensor([99, 9, 0]))  # a masked memory
+    assert float(per_query["nce_chance"]) == pytest.approx((math.log(100) + math.log(10) + 0.0) / 3)
     assert float(out["nce_retrieval"]) == pytest.approx(2 / 3)  # argmax takes the first of a tie
     assert float(out["nce_query_norm"]) == pytest.approx((1 + 1 + math.sqrt(2)) / 3)
     assert float(out["nce_key_cos"]) == pytest.approx(float(mean_pairwise_cosine(positive)))

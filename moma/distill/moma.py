@@ -60,28 +60,33 @@ PAPER_QUEUE_SIZE = 16384  # --nce_k in train_student_moma.py and scripts/run_mom
 # ----------------------------------------------------------------------------- the loss
 
 
-def infonce_logits(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+def infonce_logits(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
+                   mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""MoCo logits (He et al., CVPR 2020, eq. 1; MoMA ``MoCo._compute_logit``), in float32:
 
     .. math:: \ell_i = \big[\, q_i \cdot k_i^{+},\; q_i \cdot n_1,\; \dots,\; q_i \cdot n_K \,\big] / \tau
 
     ``query`` and ``positive`` are (N, D), ``negatives`` the queue (K, D); returns (N, 1 + K).
+    ``mask`` (N, K): False leaves negative j out of row i (its logit is -inf).
     """
     with torch.autocast(query.device.type, enabled=False):
         q = query.float()
         pos = (q * positive.float()).sum(dim=1, keepdim=True)
         neg = q @ negatives.float().t()
+        if mask is not None:
+            neg = neg.masked_fill(~mask, float("-inf"))
         return torch.cat([pos, neg], dim=1) / temperature
 
 
-def infonce_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float) -> torch.Tensor:
+def infonce_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
+                 mask: torch.Tensor | None = None) -> torch.Tensor:
     r"""InfoNCE with the positive at index 0 (MoMA's :math:`L_{NCE}`, the code's ``CrossEntropyLoss``
     on the logits of :func:`infonce_logits` with label 0), averaged over the batch:
 
     .. math:: L_{NCE} = -\frac{1}{N}\sum_i \log \frac{\exp(q_i \cdot k_i^{+} / \tau)}
               {\exp(q_i \cdot k_i^{+} / \tau) + \sum_{j=1}^{K} \exp(q_i \cdot n_j / \tau)}
     """
-    logits = infonce_logits(query, positive, negatives, temperature)
+    logits = infonce_logits(query, positive, negatives, temperature, mask)
     return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
 
 
@@ -177,9 +182,10 @@ def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | N
 #: validation data (docs/moma.md, "Choosing the default"); ``official-code`` is the published code.
 PRESETS: dict[str, dict[str, object]] = {
     "default": {"key_attention": "ema", "attention": "rezero", "normalize": True, "single_teacher_pass": True,
-                "momentum": "auto", "queue_size": "auto"},
+                "momentum": "auto", "queue_size": "auto", "mask_memory": True},
     "official-code": {"key_attention": "frozen", "attention": "plain", "normalize": False,
-                      "single_teacher_pass": False, "momentum": 0.999, "queue_size": PAPER_QUEUE_SIZE},
+                      "single_teacher_pass": False, "momentum": 0.999, "queue_size": PAPER_QUEUE_SIZE,
+                      "mask_memory": False},
 }
 #: ``momentum: auto`` keeps the paper's ratio of run length to EMA horizon: about 5,000 optimiser
 #: steps (50 epochs of ~100 steps) for a horizon of 1 / (1 - 0.999) = 1,000 steps.
@@ -209,6 +215,9 @@ class MoMAParams(MethodParams):
     attention: AttentionWiring | None = Field(
         None, description="plain: A(x) as the code; rezero: x + g*A(LN(x)) with per-channel gains g starting at 0")
     normalize: bool | None = Field(None, description="L2-normalise queries and keys after the attention")
+    mask_memory: bool | None = Field(
+        None, description="leave out of each query's negatives the queue slots never written (random initial "
+        "vectors) and those holding the query's own earlier key (the code keeps both)")
     single_teacher_pass: bool | None = Field(
         None, description="take the KL logits from the key pass (after the EMA update): one teacher pass per step "
         "instead of the code's two")
@@ -257,9 +266,10 @@ class KeyPass(TapOutputs):
     key_order: torch.Tensor | None = None
 
 
-def contrast_diagnostics(query: torch.Tensor, positive: torch.Tensor, queue_size: int) -> dict[str, torch.Tensor]:
+def contrast_diagnostics(query: torch.Tensor, positive: torch.Tensor, negatives: int | torch.Tensor) -> dict[str, torch.Tensor]:
     """Whether the contrastive term carries per-sample information (logged, never back-propagated):
-    its chance level ln(K + 1); the mean pairwise cosine of the queries and of the positive keys
+    its chance level ln(K + 1), K the negatives each query meets (``negatives``: one number, or one
+    per query when the memory masks slots; the mean over queries); the mean pairwise cosine of the queries and of the positive keys
     within the batch (1 = every sample maps to the same vector); in-batch retrieval, the share of
     queries whose best-scoring positive key is their own (chance 1/N); the mean query norm."""
     with torch.no_grad():
@@ -267,7 +277,7 @@ def contrast_diagnostics(query: torch.Tensor, positive: torch.Tensor, queue_size
         scores = query.float() @ positive.float().t()
         retrieval = (scores.argmax(dim=1) == torch.arange(n, device=query.device)).float().mean()
         return {
-            "nce_chance": torch.tensor(math.log(queue_size + 1), device=query.device),
+            "nce_chance": torch.log(torch.as_tensor(negatives, dtype=torch.float32, device=query.device) + 1).mean(),
             "nce_query_cos": mean_pairwise_cosine(query),
             "nce_key_cos": mean_pairwise_cosine(positive),
             "nce_retrieval": retrieval,
@@ -330,6 +340,7 @@ class MoMA(DistillMethod):
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self.loss_weights = {"nce": params.beta}
 
+        self._log_memory_turnover(ctx.batch_size)
         kl_weight = ctx.kl_weight if ctx.kl_weight is not None else (1.0 if ctx.same_label_space else 0.0)
         self._separate_logits_pass = kl_weight > 0 and not params.single_teacher_pass
         if params.overridden():
@@ -350,6 +361,19 @@ class MoMA(DistillMethod):
         if dist_utils.is_distributed():
             return "shuffle BN across processes (keys all-gathered)"
         return f"split-batch BN ({self.params.bn_splits} sub-batches)"
+
+    def _log_memory_turnover(self, batch_size: int | None) -> None:
+        """Say how often a queue slot is rewritten against the key encoder's EMA horizon 1/(1 - alpha):
+        keys older than the horizon come from a key encoder that no longer exists."""
+        refill = math.ceil(self.queue.size / max(batch_size or 1, 1))
+        horizon = 1.0 / max(1.0 - self.momentum, 1e-12)
+        masked = "never-written slots and a query's own key masked" if self.params.mask_memory else "no slot masked"
+        log.info("moma: every queue slot is rewritten every %d steps; the key encoder's EMA horizon is %.0f steps (%s)",
+                 refill, horizon, masked)
+        if refill > horizon:
+            log.warning("moma: the queue (%d keys) takes %d steps to refill, longer than the EMA horizon (%.0f steps): "
+                        "its oldest keys are stale; a smaller distill.params.queue_size keeps them current",
+                        self.queue.size, refill, horizon)
 
     # --------------------------------------------------------------- setup helpers
     @property
@@ -525,10 +549,12 @@ class MoMA(DistillMethod):
             features = pooled_features(self._student_model, student).float()
             query = self.atts_q(self.embed_s(features))
             positive, enqueued = self._attend_keys(teacher.keys, self._gather_keys(teacher.keys, teacher.key_order))
-            loss = infonce_loss(query, positive, self.queue.keys.detach(), self.params.nce_temperature)
-        if self.training:
-            self.queue.stage(enqueued)  # written after the optimiser step: backward still reads the queue
-        return {"nce": loss, **contrast_diagnostics(query, positive, self.queue.size)}
+            mask = self.queue.negative_mask(batch.index) if self.params.mask_memory else None
+            loss = infonce_loss(query, positive, self.queue.keys.detach(), self.params.nce_temperature, mask)
+        if self.training:  # written after the optimiser step: backward still reads the queue
+            self.queue.stage(enqueued, self._gather_keys(batch.index, teacher.key_order))
+        negatives = mask.sum(dim=1) if mask is not None else self.queue.size
+        return {"nce": loss, **contrast_diagnostics(query, positive, negatives)}
 
     def after_step(self) -> None:
         self.queue.commit()
