@@ -1,6 +1,7 @@
 """The README demo: a teacher on some LC25000 lung tiles, then a small learning curve on the others:
-a vanilla and a MoMA student trained on 8, 24 or all labelled tiles per class
-(``configs/demo/demo.yaml``). Re-running it re-uses what is done."""
+a vanilla student, a MoMA student and a KD student that also learns from the fold's other tiles
+without their labels, on 2, 8 or all labelled tiles per class (``configs/demo/demo.yaml``).
+Re-running it re-uses what is done."""
 
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def main() -> int:
     print(f"  run folder: {teacher}  (metrics.json, confusion_test_best.png, curves.png)")
     print()
     print((out / "summary.md").read_text())
-    print(f"Learning curve (test macro F1 against labelled tiles per class): {out / 'plots' / 'curve_same.png'}")
+    print(f"Learning curve (test macro F1 against labelled tiles per class; dashed: with unlabelled tiles): "
+          f"{out / 'plots' / 'curve_same.png'}")
     print(f"Report with tables and plots: {out / 'report.html'}")
     print(f"Per-run folders (metrics.json, split.csv with the tiles used, confusion matrices): {out / 'cells'}")
     print(f"Demo finished in {time.perf_counter() - start:.0f} s.")

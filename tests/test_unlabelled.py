@@ -294,3 +294,13 @@ def test_a_pool_key_set_by_hand_in_a_compare_setting_is_refused(tile_folder):
     with pytest.raises(ConfigError, match="data.unlabelled is set by the grid"):
         build_compare_config({"base": {"data": {"source": str(tile_folder)}},
                               "settings": {"s": {"data": {"unlabelled": ["rest"]}}}, "methods": ["kd"]})
+
+
+def test_a_pool_entry_is_drawn_dashed_in_its_method_s_colour():
+    from moma.compare.report import curve_style
+
+    colours = {"kd": (1, 0, 0, 1), "none": (0, 0, 1, 1)}
+    plain, pooled = curve_style("kd", colours), curve_style("kd+rest", colours)
+    assert plain == {"color": (1, 0, 0, 1), "label": "kd", "linestyle": "-"}
+    assert pooled["color"] == plain["color"] and pooled["linestyle"] == "--"
+    assert pooled["label"] == "kd with unlabelled tiles (rest)"
