@@ -69,7 +69,7 @@ def _photometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
     return steps
 
 
-def _strong_photometric(aug: AugmentConfig) -> v2.Compose:
+def _strong_photometric(aug: AugmentConfig) -> torch.nn.Module:
     """The strong view: the training transform's RandAugment and stain jitter, plus the optional
     extras (off by default: at 64 px and 80 steps they cost the labels-only student from random
     weights about 0.3 macro F1; BENCHMARKS.md)."""
@@ -81,7 +81,11 @@ def _strong_photometric(aug: AugmentConfig) -> v2.Compose:
         steps.append(v2.ColorJitter(brightness=c, contrast=c, saturation=c, hue=min(0.5, c / 4)))
     if aug.strong_blur > 0:
         steps.append(v2.RandomApply([v2.GaussianBlur(kernel_size=5, sigma=(0.1, 1.5))], p=aug.strong_blur))
-    return v2.Compose(steps)
+    return _compose(steps)
+
+
+def _compose(steps: list[torch.nn.Module]) -> torch.nn.Module:
+    return v2.Compose(steps) if steps else torch.nn.Identity()  # v2.Compose refuses an empty list
 
 
 class TwoViews(torch.nn.Module):
@@ -89,7 +93,7 @@ class TwoViews(torch.nn.Module):
 
     def __init__(self, aug: AugmentConfig):
         super().__init__()
-        self.geometric = v2.Compose(_geometric_steps(aug))
+        self.geometric = _compose(_geometric_steps(aug))
         self.strong = _strong_photometric(aug)
         self.normalize = normalize_transform(aug)
 
