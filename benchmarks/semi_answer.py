@@ -14,7 +14,8 @@ Per setting and size:
 - whether the goal holds: where ``none`` is at least ``--gap`` below its all-label score, the chosen
   method beats ``none`` and FixMatch with a 95 % interval above 0 on test and on validation.
 With ``--weak-setting``, the student's view is decided on validation: the same method with the
-strong view (the main setting) against the weak view (that setting), paired by fold and seed.
+strong view (the main setting) against the weak view (that setting), paired by fold and seed, and
+the probe's entries join the main setting's candidates ('<method>-weakview+<pool>').
 """
 
 from __future__ import annotations
@@ -76,6 +77,8 @@ def answer_rows(results: pd.DataFrame, gap: float) -> pd.DataFrame:
             if chosen is None:
                 continue
             none = here.loc[(here["method"] == "none") & (here["size"] == size), COLUMNS["test"]].mean()
+            if not np.isfinite(none):
+                continue  # no labels-only student to compare with in this setting
             row = {"setting": setting, "size": size, "none": none, "gap": ceiling - none, "method": chosen}
             for baseline, tag in (("none", "none"), (_fixmatch_with_pool(chosen), "fixmatch")):
                 for split, column in COLUMNS.items():
@@ -115,6 +118,19 @@ def answer_table(frame: pd.DataFrame) -> str:
     return "\n".join(lines)
 
 
+def merge_view_probe(results: pd.DataFrame, weak_setting: str) -> pd.DataFrame:
+    """The weak-view probe's entries as candidates of its main setting: '<method>+<pool>' of
+    ``<main>_weak`` becomes '<method>-weakview+<pool>' of ``<main>`` (same folds, seeds and labelled
+    subsets, so the pairs stay paired), to be chosen on validation like any other entry."""
+    main_setting = weak_setting.removesuffix("_weak")
+    merged = results.copy()
+    probe = merged["setting"] == weak_setting
+    base, _, pool = merged.loc[probe, "method"].str.partition(POOL_SEPARATOR).T.values
+    merged.loc[probe, "method"] = [f"{b}-weakview{POOL_SEPARATOR}{q}" if q else f"{b}-weakview" for b, q in zip(base, pool)]
+    merged.loc[probe, "setting"] = main_setting
+    return merged
+
+
 def view_table(results: pd.DataFrame, strong_setting: str, weak_setting: str) -> str:
     """Strong minus weak student view, same method and pool, paired by (fold, seed), on validation and test."""
     done = done_rows(results)
@@ -144,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {path} not found: run moma compare (or --report-only) on that folder first", file=sys.stderr)
         return 2
     results = pd.read_csv(path, dtype={"size": str})
-    frame = answer_rows(results, args.gap)
+    frame = answer_rows(merge_view_probe(results, args.weak_setting) if args.weak_setting else results, args.gap)
     if frame.empty:
         print(f"error: {path} has no finished cell with an unlabelled pool ('<method>{POOL_SEPARATOR}<pool>')",
               file=sys.stderr)

@@ -52,3 +52,13 @@ def test_the_goal_is_not_met_when_fixmatch_is_as_good():
     frame = semi_answer.answer_rows(_results(0.02, 0.02, 0.0, 0.0), gap=0.05)
     row = frame.iloc[0]
     assert abs(row["fixmatch_test"]) < 0.005 and row["fixmatch_test_low"] < 0 and not row["goal_met"]
+
+
+def test_the_weak_view_probe_joins_its_main_setting_as_a_candidate():
+    results = _results(0.02, 0.02, 0.0, 0.0)
+    probe = results[(results["method"] == "kd+rest")].assign(setting="s_weak", val_macro_f1=0.80, best_macro_f1=0.78)
+    merged = semi_answer.merge_view_probe(pd.concat([results, probe]), "s_weak")
+    assert "kd-weakview+rest" in set(merged.loc[merged["setting"] == "s", "method"])
+    row = semi_answer.answer_rows(merged, gap=0.05).iloc[0]
+    assert row["method"] == "kd-weakview+rest"  # the best on validation, compared with FixMatch of the same pool
+    assert row["fixmatch_test"] == pytest.approx(0.06, abs=0.005)
