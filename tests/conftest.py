@@ -98,3 +98,33 @@ def make_config(tmp_path):
         return tiny_config(tmp_path, source, **sections)
 
     return factory
+
+
+def interrupt_run(cfg: Config, monkeypatch, epoch: int = 1, step: int = 1) -> None:
+    """Train ``cfg`` and kill it (KeyboardInterrupt) just before step ``step`` of epoch ``epoch``
+    (0-based; the default is the middle of the second epoch), leaving a run folder to resume."""
+    import moma.engine.trainer as trainer_module
+    from moma.engine.runs import run_training
+
+    original_step = trainer_module.Trainer._step
+
+    def interrupted_step(self, batch, at_epoch, at_step):
+        if (at_epoch, at_step) == (epoch, step):
+            raise KeyboardInterrupt
+        return original_step(self, batch, at_epoch, at_step)
+
+    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted_step)
+    with pytest.raises(KeyboardInterrupt):
+        run_training(cfg)
+    monkeypatch.setattr(trainer_module.Trainer, "_step", original_step)
+
+
+@pytest.fixture
+def restore_logging():
+    """The CLI's ``main`` installs its log handler on the root logger; later tests should not inherit it."""
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    yield
+    root.handlers[:], root.level = handlers, level

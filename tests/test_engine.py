@@ -6,9 +6,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from moma.engine import trainer as trainer_module
 from moma.engine.runs import run_training
 from moma.errors import CheckpointError, ConfigError
+
+from conftest import interrupt_run
 
 
 def test_training_learns_separable_tiles(tile_folder, make_config):
@@ -38,19 +39,7 @@ def test_resume_after_interruption_gives_identical_weights(tile_folder, make_con
     cfg = make_config(tile_folder, optim={"epochs": 3}, augment={"randaugment": True, "stain_jitter": 0.05})
     reference = run_training(cfg)["run_dir"]
 
-    original_step = trainer_module.Trainer._step
-    calls = {"n": 0}
-
-    def interrupted_step(self, batch, epoch, step):
-        if epoch == 1 and step == 1:  # in the middle of the second epoch
-            raise KeyboardInterrupt
-        calls["n"] += 1
-        return original_step(self, batch, epoch, step)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg)
-    monkeypatch.setattr(trainer_module.Trainer, "_step", original_step)
+    interrupt_run(cfg, monkeypatch)  # in the middle of the second epoch
     interrupted_dir = f"{cfg.run.output_dir}/t-2"
     resumed = run_training(cfg, resume_dir=interrupted_dir)["run_dir"]
     assert resumed == interrupted_dir

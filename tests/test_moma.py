@@ -9,12 +9,11 @@ from safetensors.torch import load_file
 from moma.distill import get_method
 from moma.distill.base import Batch
 from moma.distill.moma import batchnorm_mode
-from moma.engine import trainer as trainer_module
 from moma.engine.builder import build_task
 from moma.engine.state import load_training_state
 from moma.engine.runs import run_training
 from moma.errors import ConfigError
-from conftest import write_teacher as save_teacher
+from conftest import interrupt_run, write_teacher as save_teacher
 
 CLASSES = ["immune", "stroma", "tumour"]  # the tile_folder fixture's classes, sorted
 
@@ -288,17 +287,7 @@ def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder,
                       distill={"method": "moma", "teacher": str(teacher), "params": {"queue_size": 20}})
     reference = run_training(cfg)["run_dir"]
 
-    original_step = trainer_module.Trainer._step
-
-    def interrupted_step(self, batch, epoch, step):
-        if epoch == 1 and step == 1:  # in the middle of the second epoch
-            raise KeyboardInterrupt
-        return original_step(self, batch, epoch, step)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg)
-    monkeypatch.setattr(trainer_module.Trainer, "_step", original_step)
+    interrupt_run(cfg, monkeypatch)  # in the middle of the second epoch
     interrupted = f"{cfg.run.output_dir}/t-2"
     assert run_training(cfg, resume_dir=interrupted)["run_dir"] == interrupted
 

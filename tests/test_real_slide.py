@@ -5,7 +5,6 @@ it, and using its tiles as an unlabelled pool."""
 from __future__ import annotations
 
 import json
-import logging
 
 import pandas as pd
 import pytest
@@ -25,12 +24,7 @@ SLIDE_ID = "CMU-1-Small-Region"
 TISSUE_FRACTION = (0.30, 0.45)
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("restore_logging")  # main() installs the CLI's log handler
 
 
 def test_the_aperio_metadata_gives_vendor_size_and_microns_per_pixel():

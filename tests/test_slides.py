@@ -4,7 +4,6 @@ pyramidal TIFF made at test time from real shipped tiles (see slide_helpers.py f
 from __future__ import annotations
 
 import json
-import logging
 
 import numpy as np
 import pandas as pd
@@ -30,13 +29,7 @@ def slide(tmp_path_factory):
     return make_slide(tmp_path_factory.mktemp("slides") / "s0.tif")
 
 
-@pytest.fixture(autouse=True)
-def _restore_logging():
-    """``main`` installs the CLI's log handler on the root logger; later tests should not inherit it."""
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    yield
-    root.handlers[:], root.level = handlers, level
+pytestmark = pytest.mark.usefixtures("restore_logging")  # main() installs the CLI's log handler
 
 
 def truth(x, y) -> str:

@@ -17,14 +17,13 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import moma.distill.task as task_module
-import moma.engine.trainer as trainer_module
 from moma.data.unlabelled import REST, PoolTable, UnlabelledDataset, scan_pool
 from moma.engine.builder import build_data
 from moma.engine.distributed import DistInfo, PoolSampler
 from moma.engine.runs import run_training
 from moma.errors import ConfigError, DataError
 
-from conftest import ROOT, make_tile_folder, write_teacher, write_tile
+from conftest import ROOT, interrupt_run, write_teacher, write_tile
 
 TEACHER_CLASSES = ["immune", "stroma", "tumour"]
 
@@ -250,17 +249,7 @@ def test_resume_with_a_pool_gives_identical_weights(tile_folder, make_config, te
     cfg = pool_config(make_config, tile_folder, teacher, strong_augment=True)
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 2})})
     reference = run_training(cfg)["run_dir"]
-    original_step = trainer_module.Trainer._step
-
-    def interrupted_step(self, batch, epoch, step):
-        if epoch == 1 and step == 1:
-            raise KeyboardInterrupt
-        return original_step(self, batch, epoch, step)
-
-    monkeypatch.setattr(trainer_module.Trainer, "_step", interrupted_step)
-    with pytest.raises(KeyboardInterrupt):
-        run_training(cfg)
-    monkeypatch.setattr(trainer_module.Trainer, "_step", original_step)
+    interrupt_run(cfg, monkeypatch)  # in the middle of the second epoch
     resumed = run_training(cfg, resume_dir=f"{cfg.run.output_dir}/t-2")["run_dir"]
     a, b = load_file(f"{reference}/last.safetensors"), load_file(f"{resumed}/last.safetensors")
     for key in a:
