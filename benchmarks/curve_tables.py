@@ -17,7 +17,9 @@ from pathlib import Path
 import pandas as pd
 
 from moma.compare.report import _ci, _mean_std, _p
+from moma.compare.results import read_results
 from moma.compare.stats import compare_with_baseline, done_rows
+from moma.errors import DataError
 
 COLUMNS = ["best_macro_f1", "val_macro_f1"]
 
@@ -53,11 +55,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("compare_dir", type=Path)
     parser.add_argument("--baseline", default="none")
     args = parser.parse_args(argv)
-    path = args.compare_dir / "results.csv"
-    if not path.is_file():
-        print(f"error: {path} not found: run moma compare (or --report-only) on that folder first", file=sys.stderr)
+    try:
+        results = read_results(args.compare_dir)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = pd.read_csv(path, dtype={"size": str})
     paired = compare_with_baseline(results, args.baseline, COLUMNS)
     for setting in results["setting"].drop_duplicates():
         print(f"#### {setting}\n\n{setting_table(results, paired, setting, args.baseline)}\n")

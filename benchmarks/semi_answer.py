@@ -29,7 +29,9 @@ import pandas as pd
 
 from moma.compare.config import POOL_SEPARATOR
 from moma.compare.report import _ci, _p
+from moma.compare.results import read_results
 from moma.compare.stats import PAIR_KEYS, done_rows, paired_difference, paired_differences
+from moma.errors import DataError
 
 BASELINE_NAMES = ("none", "fixmatch", "pseudo")  # not distillation methods: the comparisons' baselines
 COLUMNS = {"test": "best_macro_f1", "val": "val_macro_f1"}
@@ -155,15 +157,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--weak-setting", help="a setting that differs from its namesake without '_weak' only by "
                         "the student's view")
     args = parser.parse_args(argv)
-    path = args.compare_dir / "results.csv"
-    if not path.is_file():
-        print(f"error: {path} not found: run moma compare (or --report-only) on that folder first", file=sys.stderr)
+    try:
+        results = read_results(args.compare_dir)
+    except DataError as exc:
+        print(f"error: {exc}", file=sys.stderr)
         return 2
-    results = pd.read_csv(path, dtype={"size": str})
     frame = answer_rows(merge_view_probe(results, args.weak_setting) if args.weak_setting else results, args.gap)
     if frame.empty:
-        print(f"error: {path} has no finished cell with an unlabelled pool ('<method>{POOL_SEPARATOR}<pool>')",
-              file=sys.stderr)
+        print(f"error: {args.compare_dir}: results.csv has no finished cell with an unlabelled pool "
+              f"('<method>{POOL_SEPARATOR}<pool>')", file=sys.stderr)
         return 2
     print(answer_table(frame))
     if args.weak_setting:

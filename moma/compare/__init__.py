@@ -21,7 +21,7 @@ from moma.compare.config import CompareConfig, load_compare_config
 from moma.compare.grid import COMPARE_CONFIG_NAME, Grid, GridRun, choose_out_dir, grid_logging, parse_shard, shard_cells
 from moma.compare.locks import exclusive, lock_path
 from moma.compare.report import ReportContext, write_report
-from moma.compare.results import build_results, failures
+from moma.compare.results import RESULTS_NAME, build_results, failures
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.errors import ConfigError
 from moma.utils.io import atomic_write_text
@@ -66,7 +66,7 @@ def write_outputs(cfg: CompareConfig, out: Path, run: GridRun, command: str, gri
         if grid is not None:
             grid.fill_from_folders(run)
         results = build_results(cfg, out, run)
-        atomic_write_text(out / "results.csv", results.to_csv(index=False, float_format="%.6g"))
+        atomic_write_text(out / RESULTS_NAME, results.to_csv(index=False, float_format="%.6g"))
         atomic_write_text(out / "failures.csv", failures(results).to_csv(index=False))
         if run.interrupted:
             return

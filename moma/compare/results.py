@@ -12,12 +12,22 @@ import pandas as pd
 from moma.compare.config import ALL, CompareConfig
 from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
 from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
+from moma.errors import DataError
 from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
 from moma.metrics import METRICS
 
+RESULTS_NAME = "results.csv"
 COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
                 "peak_memory_mb", "extra_parameters"]
 NAN = float("nan")
+
+
+def read_results(compare_dir: Path) -> pd.DataFrame:
+    """A compare folder's results.csv (sizes kept as text: '8', 'all'); a one-line error if absent."""
+    path = Path(compare_dir) / RESULTS_NAME
+    if not path.is_file():
+        raise DataError(f"{path} not found: run moma compare (or --report-only) on that folder first")
+    return pd.read_csv(path, dtype={"size": str})
 
 
 def _prefixed_metrics(values: dict | None, prefix: str) -> dict[str, float]:
