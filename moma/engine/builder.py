@@ -81,7 +81,8 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
     test = TileDataset(parts["test"], transform=evaluation, description="test tiles", **common) if len(parts["test"]) else None
     pool = None
     if cfg.data.unlabelled:
-        held_out = table.subset(table.frame["rel_path"].isin(split.loc[split["split"].isin(["val", "test"]), "rel_path"]).to_numpy())
+        held_out = TileTable(table.source, pd.concat([parts["val"].frame, parts["test"].frame], ignore_index=True),
+                             table.classes)
         pool_table = scan_pool(cfg.data.unlabelled, table, split, cfg.data.group_column)
         check_pool_leakage(pool_table, held_out, cfg.data.allow_group_overlap)
         pool = UnlabelledDataset(pool_table, cfg.data.image_size, train_transform)
