@@ -293,3 +293,23 @@ def test_a_pool_entry_is_drawn_dashed_in_its_method_s_colour():
     assert plain == {"color": (1, 0, 0, 1), "label": "kd", "linestyle": "-"}
     assert pooled["color"] == plain["color"] and pooled["linestyle"] == "--"
     assert pooled["label"] == "kd with unlabelled tiles (rest)"
+
+
+def test_sizes_of_spends_the_curve_on_some_entries_and_rejects_what_is_not_in_it(tile_folder):
+    from moma.compare.config import build_compare_config
+    from moma.compare.grid import Grid
+
+    tree = {
+        "base": {"data": {"source": str(tile_folder), "image_size": 32}, "model": {"arch": "test_resnet"}},
+        "settings": {"s": {"sizes_of": {"kd": [2], "kd+rest": [1, 2]}}},
+        "methods": ["none", "kd"], "unlabelled": {"rest": "rest"}, "train_per_class": [1, 2, "all"], "folds": 1,
+    }
+    cells = Grid(build_compare_config(tree), Path("unused")).cells()
+    sizes = {m: sorted(c.size for c in cells if c.method == m) for m in ("none", "kd", "kd+rest")}
+    assert sizes == {"none": ["1", "2", "all"], "kd": ["2"], "kd+rest": ["1", "2"]}
+    tree["settings"]["s"]["sizes_of"] = {"kd": [4]}
+    with pytest.raises(ConfigError, match=r"settings.s.sizes_of.kd: 4: use sizes of the compare's list \(1, 2, all\)"):
+        build_compare_config(tree)
+    tree["settings"]["s"]["sizes_of"] = {"crd": [2]}
+    with pytest.raises(ConfigError, match="sizes_of.crd: not an entry of this setting"):
+        build_compare_config(tree)

@@ -10,6 +10,7 @@
       imagenet: {checkpoint: weights/effnet_b0.safetensors}
     settings:                         # transfer settings: a teacher and a target data set
       relevant: {teacher: lung, data: {source: data/demo/glas_colon}}
+                                      # optional per setting: sizes_of: {kd: [8, all]} (an entry at fewer sizes)
     methods: [none, kd, moma]         # or name -> {method, params, ce_weight, kl_weight, kl_temperature}
     folds: 2                          # grouped k-fold on the target's patients
     seeds: [0]
@@ -106,10 +107,22 @@ class ExternalTest(Strict):
     batch_size: int = Field(128, ge=1)
 
 
+Size = Annotated[float, Field(gt=0.0)] | Literal["all"]
+
+
+def size_label(value: float | str) -> str:
+    """A size as the grid names it: 8 -> '8', 0.25 -> '0.25', 'all' -> 'all'."""
+    return value if value == ALL else f"{value:g}"
+
+
 class SettingSpec(SectionOverrides):
     teacher: str | None = Field(None, description="a name under teachers; none = students without a teacher")
     description: str = ""
     methods: list[str] | None = Field(None, description="run only these of the compare's methods here")
+    sizes_of: dict[str, list[Size]] = Field(
+        default_factory=dict, description="run these entries (a method or '<method>+<pool>') only at these of the "
+        "compare's sizes here (default: at every size); for a learning curve whose dense points are spent on the "
+        "methods that lead")
     external_test: ExternalTest | None = None
 
 
@@ -213,7 +226,25 @@ class CompareConfig(Strict):
             unknown = [m for m in setting.methods or [] if m not in self.methods]
             if unknown:
                 raise ValueError(f"settings.{name}.methods: {', '.join(unknown)} not under methods")
+            self._check_sizes_of(name)
         return self
+
+    def _check_sizes_of(self, setting: str) -> None:
+        sizes_of = self.settings[setting].sizes_of
+        if not sizes_of:
+            return
+        where = f"settings.{setting}.sizes_of"
+        if self.sizes() is None:
+            raise ValueError(f"{where}: needs the compare's train_per_class or train_fraction list")
+        curve = set(self.sizes())
+        entries = self.methods_of(setting)
+        for entry, wanted in sizes_of.items():
+            if entry not in entries:
+                raise ValueError(f"{where}.{entry}: not an entry of this setting ({', '.join(entries)})")
+            stray = [size_label(v) for v in wanted if size_label(v) not in curve]
+            if stray or not wanted:
+                raise ValueError(f"{where}.{entry}: {', '.join(stray) or 'an empty list'}: use sizes of the "
+                                 f"compare's list ({', '.join(self.sizes())})")
 
     def _add_pool_entries(self) -> None:
         """An entry '<method>+<pool>' for every pool and every method that can learn from unlabelled
@@ -250,7 +281,12 @@ class CompareConfig(Strict):
         if values is None:
             return None
         numbers = sorted(v for v in values if v != ALL)
-        return [f"{v:g}" for v in numbers] + ([ALL] if ALL in values else [])
+        return [size_label(v) for v in numbers] + ([ALL] if ALL in values else [])
+
+    def runs_at(self, setting: str, method: str, size: str | None) -> bool:
+        """Whether the entry ``method`` of ``setting`` has a cell at ``size`` (settings.*.sizes_of)."""
+        wanted = self.settings[setting].sizes_of.get(method)
+        return size is None or wanted is None or size in {size_label(v) for v in wanted}
 
     def size_keys(self, size: str | None) -> dict[str, Any]:
         """The data keys a cell of ``size`` gets."""

@@ -301,7 +301,7 @@ class Grid:
         folds = range(self.cfg.folds)
         sizes = self.cfg.sizes() or [None]
         return [Cell(s, m, k, seed, size) for seed in self.cfg.seeds for k in folds for size in sizes
-                for s in self.cfg.settings for m in self.cfg.methods_of(s)]
+                for s in self.cfg.settings for m in self.cfg.methods_of(s) if self.cfg.runs_at(s, m, size)]
 
     def used_teachers(self) -> list[str]:
         names = {s.teacher for s in self.cfg.settings.values() if s.teacher is not None}
