@@ -30,9 +30,10 @@ def load_script(name: str, folder: str = "scripts"):
     return module
 
 
-def write_teacher(path: Path, class_names, arch: str = "test_resnet", seed: int | None = 0) -> Path:
-    """A randomly initialised timm model saved as a teacher checkpoint (32 px, ImageNet normalisation);
-    ``seed=None`` leaves the global RNG as it is."""
+def write_teacher(path: Path, class_names, arch: str = "test_resnet", seed: int | None = 0,
+                  mpp: float | None = None) -> Path:
+    """A randomly initialised timm model saved as a teacher checkpoint (32 px, ImageNet normalisation,
+    trained at ``mpp`` um/px when given); ``seed=None`` leaves the global RNG as it is."""
     from moma.config import IMAGENET_MEAN, IMAGENET_STD
     from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
     from moma.models.backbone import create_backbone
@@ -40,7 +41,7 @@ def write_teacher(path: Path, class_names, arch: str = "test_resnet", seed: int 
     if seed is not None:
         torch.manual_seed(seed)
     model = create_backbone(arch, len(class_names))
-    meta = ModelMetadata(arch, list(class_names), 32, list(IMAGENET_MEAN), list(IMAGENET_STD))
+    meta = ModelMetadata(arch, list(class_names), 32, list(IMAGENET_MEAN), list(IMAGENET_STD), mpp=mpp)
     save_model_checkpoint(path, model.state_dict(), meta)
     return path
 

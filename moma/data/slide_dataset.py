@@ -1,5 +1,5 @@
 """A PyTorch dataset over the tiles of one slide, read on demand (each loader worker opens its own
-handle: OpenSlide handles cannot be shared between processes)."""
+handle: slide readers hold file handles that processes must not share)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from moma.data.slides import Slide
+from moma.data.slides import Slide, SlideReader
 from moma.errors import DataError
 
 
@@ -20,12 +20,14 @@ class SlideTileDataset(Dataset):
     worker's traceback."""
 
     def __init__(self, slide: str | Path, slide_mpp: float, x: np.ndarray, y: np.ndarray, size: np.ndarray,
-                 level: np.ndarray, tile_size: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None):
+                 level: np.ndarray, tile_size: int, transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                 reader: type[SlideReader] | None = None):
         self.slide_path = Path(slide)
         self.slide_mpp = slide_mpp
         self.boxes = np.stack([np.asarray(a, dtype=np.int64) for a in (x, y, size, level)], axis=1)
         self.tile_size = tile_size
         self.transform = transform
+        self.reader = reader
         self._slide: Slide | None = None
 
     def __len__(self) -> int:
@@ -36,7 +38,7 @@ class SlideTileDataset(Dataset):
 
     def __getitem__(self, index: int):
         if self._slide is None:
-            self._slide = Slide(self.slide_path, self.slide_mpp)
+            self._slide = Slide(self.slide_path, self.slide_mpp, self.reader)
         x, y, size, level = (int(v) for v in self.boxes[index])
         try:
             pixels = self._slide.read_rgb(x, y, size, level, self.tile_size)

@@ -29,7 +29,7 @@ from skimage.filters import threshold_otsu
 from tqdm import tqdm
 
 from moma.data.annotations import find_annotation_file, label_tiles, read_annotations
-from moma.data.slides import Slide, slide_id
+from moma.data.slides import Slide, SlideReader, slide_id
 from moma.data.tiles import MANIFEST_NAME
 from moma.errors import DataError
 
@@ -67,6 +67,7 @@ class TilePlan:
     frame: pd.DataFrame  # x, y, level, size, tissue (one row per tissue tile)
     mask: np.ndarray
     mask_downsample: float
+    reader: type[SlideReader]
 
     @property
     def slide_id(self) -> str:
@@ -96,7 +97,7 @@ def plan_tiles(slide: Slide, tile_size: int, mpp: float, min_tissue: float = 0.5
     keep = fraction >= min_tissue if min_tissue > 0 else np.ones(len(x), dtype=bool)
     level = slide.level_for(side / tile_size)
     frame = pd.DataFrame({"x": x[keep], "y": y[keep], "level": level, "size": size, "tissue": np.round(fraction[keep], 4)})
-    return TilePlan(slide.path, slide.mpp, tile_size, mpp, frame, mask, mask_ds)
+    return TilePlan(slide.path, slide.mpp, tile_size, mpp, frame, mask, mask_ds, type(slide.reader))
 
 
 def _box_means(mask: np.ndarray, x: np.ndarray, y: np.ndarray, side: float) -> np.ndarray:
@@ -164,7 +165,7 @@ def _write_tile(slide: Slide, out: Path, x: int, y: int, size: int, level: int, 
 
 
 # One open slide per worker process, kept between tasks of the same slide. Never inherited: an
-# OpenSlide handle shared across fork shares its file offset and locks with the parent.
+# open file handle shared across fork shares its file offset and locks with the parent.
 _worker_slide: Slide | None = None
 
 
@@ -175,11 +176,11 @@ def _worker_init() -> None:
 
 def _worker_task(task: tuple) -> int:
     global _worker_slide
-    path, slide_mpp, tile_size, jobs = task
+    path, slide_mpp, reader, tile_size, jobs = task
     if _worker_slide is None or _worker_slide.path != path:
         if _worker_slide is not None:
             _worker_slide.close()
-        _worker_slide = Slide(path, slide_mpp)
+        _worker_slide = Slide(path, slide_mpp, reader)
     _write_tiles(_worker_slide, tile_size, jobs)
     return len(jobs)
 
@@ -253,10 +254,10 @@ def _tile_one(path: Path, out: Path, options: TilingOptions, pool) -> tuple[int,
             for p, x, y, s, lv in frame.loc[~exists, ["path", "x", "y", "size", "level"]].itertuples(index=False)]
     chunks = [jobs[i:i + _CHUNK] for i in range(0, len(jobs), _CHUNK)]
     if pool is None:
-        with Slide(path, options.slide_mpp) as slide:
+        with Slide(path, plan.slide_mpp, plan.reader) as slide:
             _follow(_in_process(slide, options.tile_size, chunks), plan, frame, exists, options)
     else:
-        tasks = ((plan.slide, plan.slide_mpp, options.tile_size, chunk) for chunk in chunks)
+        tasks = ((plan.slide, plan.slide_mpp, plan.reader, options.tile_size, chunk) for chunk in chunks)
         _follow(pool.imap_unordered(_worker_task, tasks), plan, frame, exists, options)
     _update_manifest(out, plan.slide_id, frame)
     log.info("%s: %d tissue tile(s), %d written, %d already there", plan.slide_id, len(frame), len(jobs), int(exists.sum()))

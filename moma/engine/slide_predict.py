@@ -101,7 +101,7 @@ def _predict_plan(model, meta: ModelMetadata, plan: TilePlan, device: torch.devi
         probs = np.zeros((0, len(names)), dtype=np.float32)
     else:
         dataset = SlideTileDataset(plan.slide, plan.slide_mpp, frame["x"], frame["y"], frame["size"], frame["level"],
-                                   meta.image_size, eval_transform(meta))
+                                   meta.image_size, eval_transform(meta), plan.reader)
         loader = DataLoader(dataset, batch_size=options.batch_size, shuffle=False, num_workers=options.workers)
         probs, ok = predict_probs(model, loader, device, progress=options.progress, desc=plan.slide_id)
         dataset.close()
