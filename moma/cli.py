@@ -199,7 +199,8 @@ def cmd_predict_slides(args) -> int:
     slides = collect_slides([args.folder, *args.slides])
     out = Path(args.out or "slide_predictions")
     options = SlidePredictOptions(batch_size=args.batch_size, workers=args.workers, slide_mpp=args.slide_mpp, mpp=args.mpp,
-                                  min_tissue=args.min_tissue, heatmap_class=args.heatmap_class)
+                                  allow_upsampling=args.allow_upsampling, min_tissue=args.min_tissue,
+                                  heatmap_class=args.heatmap_class)
     summary = predict_slides(args.checkpoint, slides, out, resolve_device(args.device), options)
     print(summary.drop(columns=["path"]).to_string(index=False))
     print(f"{len(slides)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; summary.csv)")
@@ -216,7 +217,7 @@ def cmd_tile(args) -> int:
     options = TilingOptions(tile_size=args.tile_size, mpp=args.mpp, min_tissue=args.min_tissue,
                             annotations=Path(args.annotations) if args.annotations else None, label_by=args.label_by,
                             min_overlap=args.min_overlap, unlabelled=args.unlabelled, label=args.label,
-                            slide_mpp=args.slide_mpp, workers=args.workers)
+                            slide_mpp=args.slide_mpp, allow_upsampling=args.allow_upsampling, workers=args.workers)
     summary = tile_slides(slides, Path(args.out), options)
     print(f"{summary.slides} slide(s): {summary.tiles} tiles ({summary.written} written, {summary.skipped_existing} "
           f"already there) -> {summary.manifest}")
@@ -249,6 +250,9 @@ def _fraction(text: str) -> float:
 def _add_slide_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slide-mpp", type=_positive(float), metavar="UM",
                         help="level-0 microns per pixel, for slides whose metadata lacks it")
+    parser.add_argument("--allow-upsampling", action="store_true",
+                        help="read a slide scanned more than 10 %% coarser than the tiles' microns per pixel by "
+                             "enlarging it (refused by default)")
     parser.add_argument("--min-tissue", type=_fraction, default=0.5, metavar="FRACTION",
                         help="keep tiles at least this much covered by tissue (default 0.5)")
     parser.add_argument("--workers", type=_count, default=0, help="worker processes reading the slide (default 0: none)")

@@ -42,6 +42,9 @@ MAX_MASK_SIDE = 4096
 MIN_TISSUE_SATURATION = 15
 TILING_PARAMS = "tiling.json"
 MANIFEST_COLUMNS = ["path", "label", "group", "x", "y", "level", "size", "tissue"]
+# A slide may be this much coarser than the tiles asked for before reading it means upsampling
+# (scanners round their nominal resolution; 0.2527 for "0.25" is still a 40x scan).
+UPSAMPLING_TOLERANCE = 0.10
 _CHUNK = 32  # tiles per task sent to a worker process
 # PNG compression 1 instead of PIL's 6: about 3x faster to write for ~15 % larger files.
 _PNG_COMPRESS_LEVEL = 1
@@ -67,11 +70,24 @@ class TilePlan:
     frame: pd.DataFrame  # x, y, level, size, tissue (one row per tissue tile)
     mask: np.ndarray
     mask_downsample: float
+    level: int  # the pyramid level the tiles are read from
+    level_mpp: float
     reader: type[SlideReader]
 
     @property
     def slide_id(self) -> str:
         return slide_id(self.slide)
+
+    @property
+    def scale(self) -> float:
+        """Tile pixels per pixel of the level read: below 1 shrunk, above 1 upsampled."""
+        return self.level_mpp / self.mpp
+
+
+def upsamples(slide_mpp: float, mpp: float) -> bool:
+    """Whether tiles at ``mpp`` from a slide scanned at ``slide_mpp`` would be enlarged (beyond
+    the tolerance), i.e. hold detail the scan never had."""
+    return slide_mpp > mpp * (1 + UPSAMPLING_TOLERANCE)
 
 
 def tile_side(slide: Slide, tile_size: int, mpp: float) -> float:
@@ -80,6 +96,16 @@ def tile_side(slide: Slide, tile_size: int, mpp: float) -> float:
     if side < 1:
         raise DataError(f"slide {slide.path}: {tile_size} px at {mpp} um/px is below one pixel of the slide")
     return side
+
+
+def refuse_upsampling(slides: list[Path], mpp: float, slide_mpp: float | None, target: str, remedy: str) -> None:
+    """A one-line DataError for the first slide scanned coarser than ``mpp``; every slide is
+    checked before any work, so a refusal never comes after hours of tiling or prediction."""
+    for path in slides:
+        with Slide(path, slide_mpp) as slide:
+            if upsamples(slide.mpp, mpp):
+                raise DataError(f"slide {path} is scanned at {slide.mpp:g} um/px, coarser than {target}: its tiles "
+                                f"would be upsampled; {remedy}, or pass --allow-upsampling")
 
 
 def plan_tiles(slide: Slide, tile_size: int, mpp: float, min_tissue: float = 0.5) -> TilePlan:
@@ -97,7 +123,8 @@ def plan_tiles(slide: Slide, tile_size: int, mpp: float, min_tissue: float = 0.5
     keep = fraction >= min_tissue if min_tissue > 0 else np.ones(len(x), dtype=bool)
     level = slide.level_for(side / tile_size)
     frame = pd.DataFrame({"x": x[keep], "y": y[keep], "level": level, "size": size, "tissue": np.round(fraction[keep], 4)})
-    return TilePlan(slide.path, slide.mpp, tile_size, mpp, frame, mask, mask_ds, type(slide.reader))
+    return TilePlan(slide.path, slide.mpp, tile_size, mpp, frame, mask, mask_ds, level,
+                    slide.mpp * slide.downsamples[level], type(slide.reader))
 
 
 def _box_means(mask: np.ndarray, x: np.ndarray, y: np.ndarray, side: float) -> np.ndarray:
@@ -123,6 +150,7 @@ class TilingOptions:
     unlabelled: str | None = None  # label for tiles outside every annotation; None skips them
     label: str = "unlabelled"  # label of every tile when there are no annotations
     slide_mpp: float | None = None
+    allow_upsampling: bool = False
     workers: int = 0
     progress: bool = True
 
@@ -224,6 +252,9 @@ def _update_manifest(out: Path, slide: str, rows: pd.DataFrame) -> None:
 def tile_slides(slides: list[Path], out: Path, options: TilingOptions) -> TilingSummary:
     """Tile every slide into ``out``; tiles already on disk are not read or written again."""
     out = Path(out)
+    if not options.allow_upsampling:
+        refuse_upsampling(slides, options.mpp, options.slide_mpp, f"the {options.mpp:g} um/px asked for (--mpp)",
+                          "tile at the slide's resolution or coarser")
     _check_params(out, options)
     summary = TilingSummary(manifest=out / MANIFEST_NAME)
     pool = multiprocessing.get_context().Pool(options.workers, initializer=_worker_init) if options.workers > 0 else None

@@ -3,7 +3,9 @@ a CSV, a heatmap on the slide thumbnail and a GeoJSON of tile polygons that QuPa
 detections; one summary CSV (class fractions of the tissue area) over all slides.
 
 Tiles are read at the checkpoint's tile size (``image_size``) and resolution (``mpp``), on the same
-grid and with the same tissue detection as ``moma tile``.
+grid and with the same tissue detection as ``moma tile``. A slide scanned coarser than the model's
+resolution is refused unless upsampling is allowed: the model would see detail the scan never had.
+The summary records the pyramid level each slide was read from and the scale applied to it.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from torch.utils.data import DataLoader  # noqa: E402
 
 from moma.data.slide_dataset import SlideTileDataset  # noqa: E402
 from moma.data.slides import Slide  # noqa: E402
-from moma.data.tiling import TilePlan, plan_tiles  # noqa: E402
+from moma.data.tiling import TilePlan, plan_tiles, refuse_upsampling  # noqa: E402
 from moma.engine.checkpoint import ModelMetadata  # noqa: E402
 from moma.engine.evaluate import predict_probs  # noqa: E402
 from moma.engine.inference import eval_transform, load_classifier  # noqa: E402
@@ -51,6 +53,7 @@ class SlidePredictOptions:
     workers: int = 0
     slide_mpp: float | None = None
     mpp: float | None = None  # overrides the checkpoint's
+    allow_upsampling: bool = False
     min_tissue: float = 0.5
     heatmap_class: str | None = None
     progress: bool = True
@@ -72,6 +75,9 @@ def predict_slides(checkpoint: str | Path, slides: list[Path], out_dir: Path, de
     mpp = _model_mpp(meta, checkpoint, options.mpp)
     if options.heatmap_class is not None and options.heatmap_class not in meta.class_names:
         raise DataError(f"--heatmap-class {options.heatmap_class}: not a class of the model ({', '.join(meta.class_names)})")
+    if not options.allow_upsampling:
+        refuse_upsampling(slides, mpp, options.slide_mpp, f"the model's {mpp:g} um/px",
+                          f"predict on a scan at {mpp:g} um/px or finer (or with a model trained at the slide's resolution)")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -196,11 +202,15 @@ def plot_probability_map(thumbnail: np.ndarray, ds: float, frame: pd.DataFrame, 
 
 
 def _summary_row(plan: TilePlan, frame: pd.DataFrame, names: list[str]) -> dict:
-    """Tissue area (mm^2) and the fraction of it predicted as each class."""
+    """Tissue area (mm^2), the fraction of it predicted as each class, and how the slide was read:
+    its level-0 um/px, the pyramid level and that level's um/px, and the scale from the level's
+    pixels to the model's (below 1 shrunk, above 1 upsampled)."""
     tile_mm2 = (frame["size"].to_numpy(dtype=float) * plan.slide_mpp / 1000) ** 2
     area = tile_mm2 * frame["tissue"].to_numpy(dtype=float)
     total = float(area.sum())
-    row = {"slide": plan.slide_id, "path": str(plan.slide), "tiles": len(frame), "tissue_mm2": round(total, 4)}
+    row = {"slide": plan.slide_id, "path": str(plan.slide), "tiles": len(frame), "tissue_mm2": round(total, 4),
+           "slide_mpp": round(plan.slide_mpp, 4), "level": plan.level, "level_mpp": round(plan.level_mpp, 4),
+           "model_mpp": plan.mpp, "scale": round(plan.scale, 4)}
     for name in names:
         share = float(area[(frame["prediction"] == name).to_numpy()].sum()) / total if total > 0 else 0.0
         row[f"fraction_{name}"] = round(share, 4)
