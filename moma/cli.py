@@ -13,11 +13,15 @@ import logging
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from moma import __version__
 from moma.errors import ConfigError, MomaError
+
+if TYPE_CHECKING:
+    from moma.engine.result import RunResult
 
 log = logging.getLogger("moma")
 
@@ -111,18 +115,20 @@ def _resume_config(args) -> "Config":  # noqa: F821
     return load_config(run_dir / CONFIG_NAME, _shortcut_overrides(args) + args.overrides)
 
 
-def _print_results(results: dict) -> None:
+def _print_results(result: RunResult) -> None:
     from moma.engine.layout import CURVES_NAME, METRICS_NAME, TEST_BEST_TAG, report_file
+    from moma.metrics import METRIC_LABELS, METRICS
 
-    run_dir = Path(results["run_dir"])
-    lines = [f"run folder: {run_dir}", f"best epoch (by val {results['select_metric']}): {results['best_epoch']}"]
+    run_dir = Path(result.run_dir)
+    lines = [f"run folder: {run_dir}", f"best epoch (by val {result.select_metric}): {result.best_epoch}"]
     for tag in ("best", "last"):
-        test = results.get(tag, {}).get("test")
-        if test:
-            lines.append(f"test ({tag} model): accuracy {test['accuracy']:.4f}  macro F1 {test['macro_f1']:.4f}  "
-                         f"kappa {test['kappa']:.4f}  QWK {test['qwk']:.4f}  AUC {test['auc']:.4f}")
-    if results.get("skipped_tiles"):
-        lines.append(f"skipped {results['skipped_tiles']} unreadable tile(s) (see train.log)")
+        scores = getattr(result, tag)
+        if scores and scores.test:
+            test = result.test_metrics(tag)
+            lines.append("test ({} model): {}".format(
+                tag, "  ".join(f"{METRIC_LABELS[m]} {test[m]:.4f}" for m in METRICS)))
+    if result.skipped_tiles:
+        lines.append(f"skipped {result.skipped_tiles} unreadable tile(s) (see train.log)")
     lines += [f"metrics: {run_dir / METRICS_NAME}", f"confusion matrix: {run_dir / report_file('confusion_png', TEST_BEST_TAG)}",
               f"curves: {run_dir / CURVES_NAME}"]
     print("\n".join(lines))

@@ -5,7 +5,6 @@ Re-running it re-uses what is done."""
 
 from __future__ import annotations
 
-import json
 import sys
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> int:
     from moma.cli import setup_logging
     from moma.compare import run_compare
+    from moma.engine.result import RunResult
 
     setup_logging(verbose=False)
     start = time.perf_counter()
@@ -26,7 +26,7 @@ def main() -> int:
         pass
     out = run_compare(config, out_dir=Path("runs") / "demo")
     teacher = out / "teachers" / "lung"
-    metrics = json.loads((teacher / "metrics.json").read_text())["best"]["test"]
+    metrics = RunResult.read(teacher).test_metrics("best")
     print()
     print(f"Teacher (247 LC25000 lung tiles, 3 classes), its own test split: accuracy {metrics['accuracy']:.3f}, "
           f"macro F1 {metrics['macro_f1']:.3f} (chance 0.333)")

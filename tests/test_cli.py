@@ -102,7 +102,7 @@ def test_resume_honours_the_flags_that_make_sense_and_refuses_the_others(tile_fo
     from moma.engine.runs import run_training
     from moma.errors import ConfigError
 
-    run = run_training(make_config(tile_folder, optim={"epochs": 1}))["run_dir"]
+    run = run_training(make_config(tile_folder, optim={"epochs": 1})).run_dir
     for flag, value in (("--arch", "resnet18"), ("--lr", "0.1"), ("--data", tile_folder), ("--name", "other")):
         with pytest.raises(ConfigError, match=f"{flag} cannot change on resume .allowed: --epochs, --device"):
             run_in_process("train", "--resume", run, flag, value)

@@ -33,9 +33,9 @@ def test_amp_and_channels_last_train_on_cuda(tmp_path, tiles, amp):
                                                                       "progress": False, "tensorboard": False},
                       optim={"epochs": 3, "lr": 0.05})
     results = run_training(cfg)
-    assert math.isfinite(results["best"]["test"]["accuracy"]) and results["best"]["test"]["accuracy"] >= 0.9
-    assert results["peak_memory_mb"] > 0
-    state, meta = load_model_checkpoint(f"{results['run_dir']}/best.safetensors")
+    assert math.isfinite(results.test_metrics("best")["accuracy"]) and results.test_metrics("best")["accuracy"] >= 0.9
+    assert results.peak_memory_mb > 0
+    state, meta = load_model_checkpoint(f"{results.run_dir}/best.safetensors")
     assert all(t.device.type == "cpu" for t in state.values()) and meta.arch == "test_resnet"
 
 
@@ -55,9 +55,9 @@ def test_torch_compile_trains_and_saves_plain_keys(tmp_path, tiles):
                       train={"compile": True, "channels_last": True, "progress": False, "tensorboard": False},
                       optim={"epochs": 2})
     results = run_training(cfg)
-    state, _ = load_model_checkpoint(f"{results['run_dir']}/best.safetensors")
+    state, _ = load_model_checkpoint(f"{results.run_dir}/best.safetensors")
     assert not any("_orig_mod" in key for key in state)
-    assert math.isfinite(results["last"]["test"]["macro_f1"])
+    assert math.isfinite(results.test_metrics("last")["macro_f1"])
 
 
 def test_moma_step_on_cuda_with_bf16(tmp_path, tiles):
@@ -67,4 +67,4 @@ def test_moma_step_on_cuda_with_bf16(tmp_path, tiles):
                       distill={"method": "moma", "teacher": str(teacher), "params": {"queue_size": 32}},
                       optim={"epochs": 2})
     results = run_training(cfg)
-    assert math.isfinite(results["best"]["test"]["accuracy"])
+    assert math.isfinite(results.test_metrics("best")["accuracy"])

@@ -249,7 +249,7 @@ def test_torchrun_moma_run_gathers_keys_syncs_weights_and_resumes_in_one_process
 
     cfg = load_config(run_dir / "config.yaml", ["optim.epochs=2"])
     results = run_training(cfg, resume_dir=run_dir)  # this process: one rank
-    assert results["epochs"] == 2
+    assert results.epochs == 2
     resumed = load_training_state(run_dir / "state.pt")
     assert resumed["world_size"] == 1 and resumed["task"].keys() == state["task"].keys()
 

@@ -285,11 +285,11 @@ def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder,
     teacher = save_teacher(tmp_path / "teacher.safetensors", CLASSES)
     cfg = make_config(tile_folder, optim={"epochs": 2, "batch_size": 12},
                       distill={"method": "moma", "teacher": str(teacher), "params": {"queue_size": 20}})
-    reference = run_training(cfg)["run_dir"]
+    reference = run_training(cfg).run_dir
 
     interrupt_run(cfg, monkeypatch)  # in the middle of the second epoch
     interrupted = f"{cfg.run.output_dir}/t-2"
-    assert run_training(cfg, resume_dir=interrupted)["run_dir"] == interrupted
+    assert run_training(cfg, resume_dir=interrupted).run_dir == interrupted
 
     for name in ("last.safetensors", "best.safetensors"):
         a, b = load_file(f"{reference}/{name}"), load_file(f"{interrupted}/{name}")

@@ -33,7 +33,7 @@ def train_moma(tmp_path, make_config, manifest, **params):
                       data={"val_fraction": 0.2, "test_fraction": 0.2},
                       optim={"epochs": 3, "batch_size": 24, "lr": 0.05},
                       distill={"method": "moma", "teacher": str(teacher), "params": params})
-    run_dir = Path(run_training(cfg)["run_dir"])
+    run_dir = Path(run_training(cfg).run_dir)
     return pd.read_csv(run_dir / "summary.csv"), json.loads((run_dir / "metrics.json").read_text())
 
 

@@ -35,7 +35,7 @@ def moma_cli(*args):
 @pytest.fixture
 def finished_run(tile_folder, make_config):
     cfg = make_config(tile_folder, optim={"epochs": 1})
-    return cfg, run_training(cfg)["run_dir"]
+    return cfg, run_training(cfg).run_dir
 
 
 def test_a_state_that_would_run_code_is_refused_by_resume(finished_run, tmp_path):

@@ -19,8 +19,8 @@ def test_same_steps_and_schedule_for_any_subset_size(tmp_path, per_class):
     cfg = tiny_config(tmp_path, source, data={"train_per_class": per_class},
                       optim={"epochs": 2, "total_steps": 7, "batch_size": 4, "lr": 0.05, "min_lr": 0.001})
     results = run_training(cfg, run_dir=tmp_path / "run")
-    assert results["optimizer_steps"] == 7  # 3 + 4: the steps spread over the 2 epochs
-    assert results["data"]["train"] == 3 * per_class
+    assert results.optimizer_steps == 7  # 3 + 4: the steps spread over the 2 epochs
+    assert results.data["train"] == 3 * per_class
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["classes"]) == 3
     # 6 tiles (2 batches of 4) need 2 passes per epoch; 18 tiles (5 batches) one
     trainer = Trainer(cfg, tmp_path / "probe")

@@ -61,9 +61,9 @@ def test_cross_entropy_sees_labelled_rows_only_and_the_distillation_terms_see_al
     monkeypatch.setattr(task_module.DistillationTask, "forward", forward)
     cfg = pool_config(make_config, tile_folder, teacher, strong_augment=True)
     results = run_training(cfg.model_copy(update={"distill": cfg.distill.model_copy(update={"unlabelled_ratio": 2})}))
-    n_train, n_pool = results["data"]["train"], results["data"]["unlabelled"]
+    n_train, n_pool = results.data["train"], results.data["unlabelled"]
     assert n_train == 18 and n_pool == 18  # 3 tiles x 2 whole patients per class labelled, the rest pooled
-    steps = results["optimizer_steps"]
+    steps = results.optimizer_steps
     assert len(seen["batch"]) == steps > 0
     for labelled, rows, two_views in seen["batch"]:
         assert rows == labelled + 2 * 4 and two_views  # B labelled (or the pass's remainder) + mu x B pool tiles
@@ -200,8 +200,8 @@ def test_a_corrupt_pool_tile_is_skipped_and_counted_with_skip_bad(tile_folder, m
     folder = _pool_with_a_corrupt_tile(tmp_path)
     cfg = pool_config(make_config, tile_folder, teacher, unlabelled=[str(folder)], skip_bad=True)
     results = run_training(cfg)  # 6 pool tiles, 12 drawn per step: every tile is drawn
-    assert results["skipped_unlabelled_tiles"] >= 1
-    assert results["data"]["unlabelled"] == 6
+    assert results.skipped_unlabelled_tiles >= 1
+    assert results.data["unlabelled"] == 6
 
 
 def test_a_corrupt_pool_tile_is_a_one_line_error_without_skip_bad(tile_folder, tmp_path, teacher):
@@ -248,9 +248,9 @@ def test_pool_sampler_draws_every_tile_once_before_any_twice_and_ranks_do_not_ov
 def test_resume_with_a_pool_gives_identical_weights(tile_folder, make_config, teacher, monkeypatch):
     cfg = pool_config(make_config, tile_folder, teacher, strong_augment=True)
     cfg = cfg.model_copy(update={"optim": cfg.optim.model_copy(update={"epochs": 2})})
-    reference = run_training(cfg)["run_dir"]
+    reference = run_training(cfg).run_dir
     interrupt_run(cfg, monkeypatch)  # in the middle of the second epoch
-    resumed = run_training(cfg, resume_dir=f"{cfg.run.output_dir}/t-2")["run_dir"]
+    resumed = run_training(cfg, resume_dir=f"{cfg.run.output_dir}/t-2").run_dir
     a, b = load_file(f"{reference}/last.safetensors"), load_file(f"{resumed}/last.safetensors")
     for key in a:
         assert torch.equal(a[key], b[key]), key

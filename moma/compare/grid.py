@@ -17,7 +17,6 @@ teacher of other classes, or a teacher-based method without a teacher) is record
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import time
@@ -35,6 +34,7 @@ from moma.compare.holdout import write_holdout_manifests
 from moma.compare.locks import exclusive, lock_path
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.config import Config, build_config
+from moma.engine.result import RunResult
 from moma.engine.layout import BEST_NAME, CONFIG_NAME, EVAL_TAG, LAST_NAME, METRICS_NAME, STATE_NAME, report_file
 from moma.engine.runs import create_run_dir
 from moma.errors import ConfigError
@@ -420,9 +420,9 @@ class Grid:
         info.classes = read_metadata(info.checkpoint).class_names
         # A given checkpoint still has held-out metrics when it sits in its own run folder.
         run_dir = info.checkpoint if info.checkpoint.is_dir() else info.checkpoint.parent
-        metrics_path = run_dir / METRICS_NAME
-        if metrics_path.is_file():
-            info.test = (json.loads(metrics_path.read_text()).get("best") or {}).get("test")
+        if (run_dir / METRICS_NAME).is_file():
+            best = RunResult.read(run_dir).best
+            info.test = best.test if best else None
         return info
 
     def _judge_teachers(self) -> None:

@@ -4,7 +4,6 @@ so a re-run reports every finished cell, not only the ones it trained)."""
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import pandas as pd
@@ -14,6 +13,7 @@ from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
 from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
 from moma.errors import DataError
 from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
+from moma.engine.result import RunResult
 from moma.metrics import METRICS
 
 RESULTS_NAME = "results.csv"
@@ -30,33 +30,14 @@ def read_results(compare_dir: Path) -> pd.DataFrame:
     return pd.read_csv(path, dtype={"size": str})
 
 
-def _prefixed_metrics(values: dict | None, prefix: str) -> dict[str, float]:
-    """``{prefix}_{metric}`` for every metric (NaN where missing)."""
-    values = values or {}
-    return {f"{prefix}_{m}": float(values.get(m, NAN)) for m in METRICS}
-
-
-def _test_metrics(results: dict, tag: str) -> dict[str, float]:
-    return _prefixed_metrics((results.get(tag) or {}).get("test"), tag)
-
-
-def _validation_metrics(results: dict) -> dict[str, float]:
-    """The best-by-validation model's validation metrics (what model and method choices may use)."""
-    return _prefixed_metrics((results.get("best") or {}).get("val"), "val")
-
-
-def _method_diagnostics(results: dict) -> dict[str, float]:
-    """The last epoch's mean of every term the method logged (losses and diagnostics such as MoMA's
-    nce, nce_chance, nce_retrieval), as ``diag_<term>``; the loss and the timings are left out."""
-    history = results.get("history") or []
-    last = history[-1] if history else {}
-    return {f"diag_{k.removeprefix('train_')}": float(v) for k, v in last.items()
-            if k.startswith("train_") and k != "train_loss"}
+def _prefixed(values: dict[str, float], prefix: str) -> dict[str, float]:
+    return {f"{prefix}_{name}": value for name, value in values.items()}
 
 
 def _external_metrics(run_dir: Path) -> dict[str, float]:
     path = run_dir / EXTERNAL_DIR / report_file("metrics", EVAL_TAG)
-    return _prefixed_metrics(json.loads(path.read_text()) if path.is_file() else None, "ext")
+    values = json.loads(path.read_text()) if path.is_file() else {}
+    return {f"ext_{m}": float(values.get(m, NAN)) for m in METRICS}
 
 
 def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: str) -> dict:
@@ -66,29 +47,29 @@ def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: st
         status = DONE
     row = {"setting": cell.setting, "method": cell.method, "distill_method": cfg.registered_name(cell.method),
            "teacher": cfg.settings[cell.setting].teacher or "", "size": cell.size or ALL, "fold": cell.fold,
-           "seed": cell.seed, "status": status, "best_epoch": math.nan, "epochs": math.nan}
-    results = json.loads(metrics_path.read_text()) if status == DONE else {}
-    row.update(best_epoch=results.get("best_epoch", NAN), epochs=results.get("epochs", NAN))
-    train_tiles = (results.get("data") or {}).get("train", NAN)
-    row.update(train_tiles=train_tiles, train_tiles_per_class=train_tiles / max(1, len(results.get("classes") or [])),
-               optimizer_steps=results.get("optimizer_steps", NAN))
-    row.update(_test_metrics(results, "best"))
-    row.update(_test_metrics(results, "last"))
-    row.update(_validation_metrics(results))
-    row.update(_method_diagnostics(results))
+           "seed": cell.seed, "status": status}
+    done = status == DONE
+    result = RunResult.read(run_dir) if done else RunResult.from_dict({})
+    row.update(best_epoch=result.best_epoch if done else NAN, epochs=result.epochs if done else NAN,
+               train_tiles=result.data.get("train", NAN), train_tiles_per_class=result.train_tiles_per_class,
+               optimizer_steps=result.optimizer_steps if done else NAN)
+    row.update(_prefixed(result.test_metrics("best"), "best"))
+    row.update(_prefixed(result.test_metrics("last"), "last"))
+    row.update(_prefixed(result.val_metrics(), "val"))  # what model and method choices may use
+    row.update(_prefixed(result.last_epoch_terms(), "diag"))  # losses and diagnostics such as MoMA's nce
     if any(setting.external_test for setting in cfg.settings.values()):
         row.update(_external_metrics(run_dir))
     environment = run_dir / ENVIRONMENT_NAME
-    row["device"] = json.loads(environment.read_text()).get("device", "") if status == DONE and environment.is_file() else ""
-    step = results.get("step_time") or {}
+    row["device"] = json.loads(environment.read_text()).get("device", "") if done and environment.is_file() else ""
+    step = result.step_time
     row.update({
-        "train_seconds": results.get("train_seconds", NAN),
+        "train_seconds": result.train_seconds,
         "images_per_second": step.get("images_per_second", NAN),
         "data_wait_ms": step.get("data_wait_ms", NAN),
         "forward_backward_ms": step.get("forward_backward_ms", NAN),
         "distill_extras_ms": step.get("distill_extras_ms", NAN),
-        "peak_memory_mb": results.get("peak_memory_mb", NAN),
-        "extra_parameters": (results.get("setup") or {}).get("extra_parameters", NAN),
+        "peak_memory_mb": result.peak_memory_mb,
+        "extra_parameters": result.setup.get("extra_parameters", NAN),
         "run_dir": cell.rel_dir.as_posix() if run_dir.is_dir() else "",
         "message": message,
     })

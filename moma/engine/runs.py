@@ -17,6 +17,7 @@ from moma.data.splits import save_split
 from moma.engine.checkpoint import versions
 from moma.engine.device import resolve_device
 from moma.engine.layout import CONFIG_NAME, ENVIRONMENT_NAME, LOG_NAME, SPLIT_NAME
+from moma.engine.result import RunResult
 from moma.engine.trainer import Trainer
 from moma.errors import MomaError
 from moma.utils.io import atomic_write_json, atomic_write_text
@@ -61,8 +62,8 @@ def _remove_unused_run_dir(run_dir: Path) -> None:
         run_dir.rmdir()
 
 
-def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | None = None) -> dict:
-    """Create (or reopen) the run folder and train. Returns the final results dict.
+def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | None = None) -> RunResult:
+    """Create (or reopen) the run folder and train. Returns what metrics.json holds.
 
     ``resume_dir`` continues an interrupted run there; ``run_dir`` names a new, empty folder to use
     instead of one derived from run.output_dir/run.name (the comparison grid names its cells)."""
@@ -87,7 +88,7 @@ def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | No
         dist_utils.destroy_process_group(dist)
 
 
-def _run_training(cfg: Config, dist: dist_utils.DistInfo, resume_dir: Path | None, run_dir: Path | None) -> dict:
+def _run_training(cfg: Config, dist: dist_utils.DistInfo, resume_dir: Path | None, run_dir: Path | None) -> RunResult:
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     elif run_dir is not None:

@@ -42,13 +42,13 @@ from moma.engine.layout import (
     BEST_NAME,
     CURVES_NAME,
     LAST_NAME,
-    METRICS_NAME,
     SPLIT_NAME,
     STATE_NAME,
     SUMMARY_NAME,
     TENSORBOARD_DIR,
 )
 from moma.engine.plots import plot_curves
+from moma.engine.result import ModelScores, RunResult
 from moma.engine.schedule import build_optimizer, build_scheduler, restart_schedule
 from moma.engine.state import (
     StepTimes,
@@ -62,7 +62,7 @@ from moma.engine.state import (
 from moma.errors import DataError, MomaError
 from moma.metrics import summary
 from moma.utils.collectives import all_gather_rows, unshuffle
-from moma.utils.io import atomic_write_json, atomic_write_text
+from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
 
@@ -416,7 +416,7 @@ class Trainer:
                 self.writer.flush()
         return row
 
-    def fit(self) -> dict:
+    def fit(self) -> RunResult:
         if self.resume:
             self.load_state()
         if self.dist.is_main and self.cfg.train.tensorboard:
@@ -457,37 +457,38 @@ class Trainer:
             log.info("profile, all epochs: %s", describe_times(self.state.times, self._num_workers()))
         return self.finish()
 
-    def finish(self) -> dict:
+    def finish(self) -> RunResult:
         """Test metrics of the best-by-validation and the last model; reports and plots."""
-        results = {"run_dir": str(self.run_dir), "classes": self.data.classes, "setup": self.setup_info,
-                   "best_epoch": self.state.best_epoch, "epochs": self.state.epoch,
-                   "select_metric": self.cfg.train.select_metric}
+        result = RunResult(run_dir=str(self.run_dir), classes=self.data.classes, setup=self.setup_info,
+                           best_epoch=self.state.best_epoch, epochs=self.state.epoch,
+                           select_metric=self.cfg.train.select_metric)
         if not self.dist.is_main:
-            return results
+            return result
         last_state = {k: v.detach().cpu().clone() for k, v in self.deploy_state().items()}
         model = copy.deepcopy(self.task.inference_model())
         for tag, weights in (("best", self.best_weights), ("last", last_state)):
             model.load_deploy_state_dict(weights)
-            results[tag] = {"val": summary(self._evaluate_split(model, "val")[0])}
+            scores = ModelScores(val=summary(self._evaluate_split(model, "val")[0]))
             if self.data.test is not None:
                 metrics, probs = self._evaluate_split(model, "test")
                 write_report(self.run_dir, f"test_{tag}", metrics, self.data.test, probs,
                              title=f"test, {tag} model (epoch {self.state.best_epoch if tag == 'best' else self.state.epoch})")
-                results[tag]["test"] = metrics
+                scores.test = metrics
+            setattr(result, tag, scores)
         total = self.state.times
-        results["train_seconds"] = total.data + total.compute
-        results["step_time"] = total.as_dict()
-        results["optimizer_steps"] = total.steps
-        results["peak_memory_mb"] = _peak_memory_mb(self.device)
-        results["data"] = {name: len(ds) if ds is not None else 0 for name, ds in
-                           (("train", self.data.train), ("val", self.data.val), ("test", self.data.test),
-                            ("unlabelled", self.data.unlabelled))}
-        results["skipped_unlabelled_tiles"] = len(self.pool_skipped)
-        results["history"] = self.state.history  # every epoch's row of summary.csv
-        results["skipped_tiles"] = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
-        atomic_write_json(self.run_dir / METRICS_NAME, results)
+        result.train_seconds = total.data + total.compute
+        result.step_time = total.as_dict()
+        result.optimizer_steps = total.steps
+        result.peak_memory_mb = _peak_memory_mb(self.device)
+        result.data = {name: len(ds) if ds is not None else 0 for name, ds in
+                       (("train", self.data.train), ("val", self.data.val), ("test", self.data.test),
+                        ("unlabelled", self.data.unlabelled))}
+        result.skipped_unlabelled_tiles = len(self.pool_skipped)
+        result.history = self.state.history
+        result.skipped_tiles = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
+        result.write(self.run_dir)
         plot_curves(pd.DataFrame(self.state.history), self.run_dir / CURVES_NAME, self.cfg.train.select_metric)
-        return results
+        return result
 
     def _evaluate_split(self, model, split: str):
         dataset = self.data.val if split == "val" else self.data.test
