@@ -37,6 +37,21 @@ class RunConfig(Section):
     deterministic: bool = True
 
 
+class StainNormConfig(Section):
+    method: Literal["macenko", "reinhard"] = Field(
+        "macenko", description="macenko (stain vectors in optical density, Macenko 2009) or reinhard (LAB mean/std, "
+        "Reinhard 2001); both through torchstain")
+    reference: str = Field(description="the reference tile whose stain every tile is matched to; its fitted "
+                           "parameters are stored in the checkpoint, so prediction does not need the file")
+
+    @field_validator("reference")
+    @classmethod
+    def _reference_exists(cls, value: str) -> str:
+        if not Path(value).is_file():
+            raise ValueError(f"reference tile {value} not found")
+        return value
+
+
 class DataConfig(Section):
     source: str | None = Field(
         None, description="a folder of class sub-folders, or a CSV manifest (path,label[,split][,group])"
@@ -66,6 +81,9 @@ class DataConfig(Section):
     strong_augment: bool = Field(False, description="two views: the teacher sees a weak view (flips, 90-degree "
                                  "rotations) and the student a strong one (the same plus RandAugment and stain jitter, "
                                  "and augment.strong_* if set); off: both see the training augmentation's one view")
+    stain_normalize: StainNormConfig | None = Field(
+        None, description="match every tile's stain to a reference tile before augmentation: {method, reference}; "
+        "recorded in the checkpoint and ONNX export, and applied by predict and evaluate (None = off)")
     skip_bad: bool = False
     cache: bool = Field(True, description="decode every tile once and keep it in memory")
     num_workers: int | Literal["auto"] = "auto"

@@ -9,6 +9,10 @@ draw (flips, 90-degree rotations) give the teacher's *weak* view; the student's 
 the training transform's RandAugment and stain jitter to the same geometric view (so a student
 sees what it sees without a teacher), and optionally more H&E stain jitter (Tellez et al. 2018),
 colour jitter and blur (``augment.strong_*``, off by default).
+
+Stain normalisation (``data.stain_normalize``, :mod:`moma.data.stain_norm`) is the first step of
+every transform, before any augmentation: training, evaluation, the unlabelled pool, and both views
+(the teacher's weak view included), so every model sees the reference's colours.
 """
 
 from __future__ import annotations
@@ -37,13 +41,19 @@ def normalize_transform(aug: AugmentConfig) -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(aug.mean), list(aug.std))])
 
 
-def build_train_transform(aug: AugmentConfig) -> v2.Compose:
-    steps = _geometric_steps(aug) + _photometric_steps(aug)
+def build_train_transform(aug: AugmentConfig, stain: torch.nn.Module | None = None) -> v2.Compose:
+    steps = _stain_steps(stain) + _geometric_steps(aug) + _photometric_steps(aug)
     return v2.Compose(steps + list(normalize_transform(aug).transforms))
 
 
-def build_eval_transform(aug: AugmentConfig) -> v2.Compose:
-    return normalize_transform(aug)
+def build_eval_transform(aug: AugmentConfig, stain: torch.nn.Module | None = None) -> v2.Compose:
+    if stain is None:
+        return normalize_transform(aug)
+    return v2.Compose(_stain_steps(stain) + list(normalize_transform(aug).transforms))
+
+
+def _stain_steps(stain: torch.nn.Module | None) -> list[torch.nn.Module]:
+    return [] if stain is None else [stain]
 
 
 def _geometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
@@ -91,9 +101,9 @@ def _compose(steps: list[torch.nn.Module]) -> torch.nn.Module:
 class TwoViews(torch.nn.Module):
     """uint8 tile -> (strong view for the student, weak view for the teacher), both normalised."""
 
-    def __init__(self, aug: AugmentConfig):
+    def __init__(self, aug: AugmentConfig, stain: torch.nn.Module | None = None):
         super().__init__()
-        self.geometric = _compose(_geometric_steps(aug))
+        self.geometric = _compose(_stain_steps(stain) + _geometric_steps(aug))
         self.strong = _strong_photometric(aug)
         self.normalize = normalize_transform(aug)
 
@@ -102,6 +112,6 @@ class TwoViews(torch.nn.Module):
         return self.normalize(self.strong(weak)), self.normalize(weak)
 
 
-def build_student_transform(aug: AugmentConfig, strong_augment: bool):
+def build_student_transform(aug: AugmentConfig, strong_augment: bool, stain: torch.nn.Module | None = None):
     """The training transform: one view for student and teacher, or two views with ``strong_augment``."""
-    return TwoViews(aug) if strong_augment else build_train_transform(aug)
+    return TwoViews(aug, stain) if strong_augment else build_train_transform(aug, stain)

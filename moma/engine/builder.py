@@ -13,6 +13,7 @@ from torch import nn
 from moma.config import Config
 from moma.data.dataset import TileDataset
 from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_split, split_table
+from moma.data.stain_norm import StainNormalizer, StainReference, fit_reference
 from moma.data.subsample import subsample_train
 from moma.data.tiles import TileTable, scan_tiles
 from moma.data.transforms import build_eval_transform, build_student_transform
@@ -36,6 +37,7 @@ class DataBundle:
     val: TileDataset
     test: TileDataset
     unlabelled: UnlabelledDataset | None = None  # the pool for the distillation terms (data.unlabelled)
+    stain: StainReference | None = None  # the fitted stain normalisation (data.stain_normalize), for the checkpoint
 
     @property
     def classes(self) -> list[str]:
@@ -74,9 +76,11 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
     if len(parts["test"]) == 0:
         log.warning("the test split is empty: only validation metrics will be reported")
     common = dict(image_size=cfg.data.image_size, cache=cfg.data.cache, skip_bad=cfg.data.skip_bad, progress=progress)
-    train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment)
+    stain = fit_stain(cfg)
+    normalizer = None if stain is None else StainNormalizer(stain)
+    train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment, normalizer)
     train = TileDataset(parts["train"], transform=train_transform, description="train tiles", **common)
-    evaluation = build_eval_transform(cfg.augment)
+    evaluation = build_eval_transform(cfg.augment, normalizer)
     val = TileDataset(parts["val"], transform=evaluation, description="val tiles", **common)
     test = TileDataset(parts["test"], transform=evaluation, description="test tiles", **common) if len(parts["test"]) else None
     pool = None
@@ -89,7 +93,17 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
         log.info("unlabelled pool: %d tiles from %s; %d per step beside %d labelled (distill.unlabelled_ratio=%d)",
                  len(pool), ", ".join(cfg.data.unlabelled), cfg.distill.unlabelled_ratio * cfg.optim.batch_size,
                  cfg.optim.batch_size, cfg.distill.unlabelled_ratio)
-    return DataBundle(table, split, train, val, test, pool)
+    return DataBundle(table, split, train, val, test, pool, stain)
+
+
+def fit_stain(cfg: Config) -> StainReference | None:
+    """The stain normalisation fitted on data.stain_normalize.reference, or None when it is off."""
+    options = cfg.data.stain_normalize
+    if options is None:
+        return None
+    stain = fit_reference(options.method, options.reference)
+    log.info("stain normalisation: %s to %s", options.method, options.reference)
+    return stain
 
 
 @dataclass
