@@ -188,7 +188,11 @@ def _teacher_class_order(teacher_classes: list[str], classes: list[str]) -> list
 
 
 def check_resolution(cfg: Config, meta: ModelMetadata, origin: str) -> None:
-    """Warn when tiles differ in size or microns per pixel from what a model was trained on."""
+    """Warn when tiles differ in size, microns per pixel or stain normalisation from what a model was trained on."""
+    trained = (meta.stain_norm or {}).get("method", "none")
+    wanted = cfg.data.stain_normalize.method if cfg.data.stain_normalize else "none"
+    if trained != wanted:
+        log.warning("%s was trained with stain normalisation %s, this run uses %s", origin, trained, wanted)
     if meta.mpp_differs(cfg.data.mpp):
         log.warning("%s was trained at %.3g um/px but data.mpp is %.3g um/px: features may not transfer", origin, meta.mpp, cfg.data.mpp)
     if meta.image_size != cfg.data.image_size:

@@ -1,9 +1,10 @@
 """Model checkpoints (``best.safetensors``, ``last.safetensors``), written atomically.
 
 The deployable student's weights in safetensors, with metadata (architecture, class names, tile
-size, microns per pixel, normalisation, deploy head, config, versions) in the safetensors header
-under the key ``moma``. The backbone keys are plain timm keys, so ``timm.create_model(arch)`` can
-load them directly. The training state a run resumes from is :mod:`moma.engine.state`.
+size, microns per pixel, normalisation, stain normalisation, deploy head, config, versions) in the
+safetensors header under the key ``moma``. The backbone keys are plain timm keys, so
+``timm.create_model(arch)`` can load them directly. The training state a run resumes from is
+:mod:`moma.engine.state`.
 """
 
 from __future__ import annotations
@@ -50,6 +51,8 @@ class ModelMetadata:
     mpp: float | None = None
     method: str = "none"
     head: dict | None = None  # {"method": name, "spec": {...}} when a deploy head replaces the classifier
+    # {"method", "reference", "params"} (moma.data.stain_norm.StainReference) when trained on stain-normalised tiles
+    stain_norm: dict | None = None
     epoch: int | None = None
     val_metrics: dict[str, float] = field(default_factory=dict)
     config: dict[str, Any] = field(default_factory=dict)

@@ -4,8 +4,13 @@ The graph takes a float32 NCHW batch of RGB tiles, resized to the checkpoint's t
 to [0, 1] and normalised with its mean/std (the same input ``moma predict`` builds), and returns
 ``logits`` and softmax ``probabilities``. A method's replacement head (SimKD) is part of the graph.
 The checkpoint's metadata goes into the model's metadata properties: ``moma`` holds all of it as
-JSON, and the keys a deployment tool needs (class names, normalisation, tile size, mpp, method)
-are also stored one by one.
+JSON, and the keys a deployment tool needs (class names, normalisation, tile size, mpp, method,
+stain normalisation) are also stored one by one.
+
+Stain normalisation (Macenko's percentiles, eigenvectors and least squares) is not in the graph: it
+runs before it, on the uint8 tile, as in training. ``stain_normalization`` holds the method and the
+fitted reference parameters (empty when the model was trained without), which ``moma predict``
+applies to an ``.onnx`` model just as to a checkpoint.
 
 We use the TorchScript-based exporter (``dynamo=False``): it needs no extra package, works
 offline and writes the same graph for the same weights.
@@ -29,6 +34,7 @@ from moma.engine.onnx_runtime import INPUT_NAME, LOGITS_NAME, METADATA_KEY, PROB
 from moma.errors import CheckpointError, ConfigError
 
 INPUT_DESCRIPTION = "float32 NCHW RGB tiles resized to image_size, scaled to [0,1], then (x - mean) / std"
+STAIN_INPUT_NOTE = "; first stain-normalised as the metadata property stain_normalization says"
 
 
 class WithProbabilities(nn.Module):
@@ -55,8 +61,13 @@ def metadata_properties(meta: ModelMetadata) -> dict[str, str]:
         "method": meta.method,
         "arch": meta.arch,
         "deploy_head": meta.head["method"] if meta.head else "",
-        "input": INPUT_DESCRIPTION,
+        "stain_normalization": json.dumps(meta.stain_norm) if meta.stain_norm else "",
+        "input": input_description(meta),
     }
+
+
+def input_description(meta: ModelMetadata) -> str:
+    return INPUT_DESCRIPTION + (STAIN_INPUT_NOTE if meta.stain_norm else "")
 
 
 def _trace_to_onnx(model: nn.Module, image_size: int, opset: int, dynamic_batch: bool) -> bytes:
@@ -90,7 +101,7 @@ def export_onnx(checkpoint: str | Path, out: str | Path, opset: int = 17, dynami
                               f"({type(exc).__name__}: {str(exc).splitlines()[0]}); try another --opset") from None
     proto = onnx.load_from_string(data)
     proto.producer_name = "moma-distill"
-    proto.doc_string = f"{meta.arch} tile classifier ({', '.join(meta.class_names)}); input: {INPUT_DESCRIPTION}"
+    proto.doc_string = f"{meta.arch} tile classifier ({', '.join(meta.class_names)}); input: {input_description(meta)}"
     for key, value in metadata_properties(meta).items():
         entry = proto.metadata_props.add()
         entry.key, entry.value = key, value

@@ -11,6 +11,7 @@ import torch
 from moma.config import AugmentConfig
 from moma.data.dataset import TileDataset
 from moma.data.splits import apply_split, load_split
+from moma.data.stain_norm import StainNormalizer, StainReference
 from moma.data.tiles import TileTable, is_image_file, scan_tiles
 from moma.data.transforms import build_eval_transform
 from moma.distill.registry import get_method
@@ -46,7 +47,18 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
 
 
 def eval_transform(meta: ModelMetadata):
-    return build_eval_transform(AugmentConfig(mean=tuple(meta.mean), std=tuple(meta.std)))
+    """What a model's input goes through, for tiles and slides alike: its stain normalisation when it
+    was trained with one, then its mean/std."""
+    return build_eval_transform(AugmentConfig(mean=tuple(meta.mean), std=tuple(meta.std)), stain_normalizer(meta))
+
+
+def stain_normalizer(meta: ModelMetadata) -> StainNormalizer | None:
+    if not meta.stain_norm:
+        return None
+    try:
+        return StainNormalizer(StainReference.from_dict(meta.stain_norm))
+    except ValueError as exc:
+        raise CheckpointError(f"model metadata: {exc}") from None
 
 
 def _check_data_resolution(meta: ModelMetadata, mpp: float | None) -> None:

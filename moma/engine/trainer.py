@@ -253,6 +253,7 @@ class Trainer:
             arch=cfg.model.arch, class_names=self.data.classes, image_size=cfg.data.image_size,
             mean=list(cfg.augment.mean), std=list(cfg.augment.std), mpp=cfg.data.mpp, method=self.task.method.name,
             head=None if head is None else {"method": self.task.method.name, "spec": head},
+            stain_norm=None if self.data.stain is None else self.data.stain.to_dict(),
             epoch=epoch, val_metrics=summary(val_metrics) if val_metrics else {}, config=cfg.to_dict(),
         )
 
