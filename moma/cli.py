@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from tqdm import tqdm
 
 from moma import __version__
-from moma.errors import ConfigError, MomaError
+from moma.errors import ConfigError, DataError, MomaError
 
 if TYPE_CHECKING:
     from moma.engine.result import RunResult
@@ -198,9 +198,9 @@ def _is_slide_input(path: str) -> bool:
 
 
 def cmd_predict_slides(args) -> int:
-    from moma.data.slides import collect_slides
+    from moma.data.slides import collect_slides, slide_id
     from moma.engine.device import resolve_device
-    from moma.engine.slide_predict import SlidePredictOptions, predict_slides
+    from moma.engine.slide_predict import DONE, SUMMARY_NAME, SlidePredictOptions, predict_slides
 
     slides = collect_slides([args.folder, *args.slides])
     out = Path(args.out or "slide_predictions")
@@ -208,8 +208,15 @@ def cmd_predict_slides(args) -> int:
                                   allow_upsampling=args.allow_upsampling, min_tissue=args.min_tissue,
                                   heatmap_class=args.heatmap_class)
     summary = predict_slides(args.checkpoint, slides, out, resolve_device(args.device), options)
-    print(summary.drop(columns=["path"]).to_string(index=False))
-    print(f"{len(slides)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; summary.csv)")
+    print(summary.drop(columns=["path", "reason"]).to_string(index=False))
+    current = summary[summary["slide"].isin([slide_id(path) for path in slides])]
+    done = current[current["status"] == DONE]
+    if done.empty:
+        reason = current["reason"].iloc[-1] if len(current) else "no slides"
+        raise DataError(f"no slide could be predicted ({reason}); the reasons are in {out / SUMMARY_NAME}")
+    skipped = len(current) - len(done)
+    print(f"{len(done)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; {SUMMARY_NAME})"
+          + (f"; {skipped} skipped, reasons in {SUMMARY_NAME}" if skipped else ""))
     return 0
 
 
@@ -253,7 +260,7 @@ def _fraction(text: str) -> float:
     return value
 
 
-def _add_slide_args(parser: argparse.ArgumentParser) -> None:
+def _add_slide_args(parser: argparse.ArgumentParser, predicting: bool = False) -> None:
     parser.add_argument("--slide-mpp", type=_positive(float), metavar="UM",
                         help="level-0 microns per pixel, for slides whose metadata lacks it")
     parser.add_argument("--allow-upsampling", action="store_true",
@@ -261,7 +268,12 @@ def _add_slide_args(parser: argparse.ArgumentParser) -> None:
                              "enlarging it (refused by default)")
     parser.add_argument("--min-tissue", type=_fraction, default=0.5, metavar="FRACTION",
                         help="keep tiles at least this much covered by tissue (default 0.5)")
-    parser.add_argument("--workers", type=_count, default=0, help="worker processes reading the slide (default 0: none)")
+    if predicting:
+        parser.add_argument("--workers", type=_count, default=None,
+                            help="processes reading tiles while the model runs (default: a quarter of the CPU cores, "
+                                 "at least 1; with a GPU the cores but one, at most 8; 0 reads in the main process)")
+    else:
+        parser.add_argument("--workers", type=_count, default=0, help="worker processes reading the slide (default 0: none)")
 
 
 def cmd_info(args) -> int:
@@ -380,7 +392,7 @@ def build_parser() -> argparse.ArgumentParser:
     slides = predict.add_argument_group("slides (tile size and mpp come from the checkpoint)")
     slides.add_argument("--mpp", type=_positive(float), help="microns per pixel of the model's tiles, if the checkpoint lacks it")
     slides.add_argument("--heatmap-class", metavar="CLASS", help="also draw the probability of this class")
-    _add_slide_args(slides)
+    _add_slide_args(slides, predicting=True)
     predict.set_defaults(func=cmd_predict)
 
     imported = sub.add_parser("import-teacher", help="turn an external model (timm/torchvision weights, a timm folder) "
@@ -463,8 +475,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if args.debug:
             raise
-        hint = ("re-running the same command completes the missing cells" if args.command == "compare"
-                else "an interrupted run continues with `--resume RUN_DIR`")
+        hint = {"compare": "re-running the same command completes the missing cells",
+                "predict": "re-running the same command predicts the slides not yet done",
+                "tile": "re-running the same command writes the tiles not yet written"}.get(
+                    args.command, "an interrupted run continues with `--resume RUN_DIR`")
         print(f"moma: interrupted; {hint}", file=sys.stderr)
         return 130
     except Exception as exc:  # an unexpected failure: still one line, the traceback behind --debug

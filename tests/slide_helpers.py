@@ -102,3 +102,15 @@ def layout_annotations(path: Path, layout=LAYOUT) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({"type": "FeatureCollection", "features": features}))
     return path
+
+
+def damaged_copy(slide: Path, path: Path, level: int, tiles: list[int] | None = None) -> Path:
+    """A copy of ``slide`` whose TIFF tiles ``tiles`` of ``level`` (default: the middle one) hold garbage."""
+    data = bytearray(slide.read_bytes())
+    with tifffile.TiffFile(slide) as tif:
+        page = tif.pages[level]
+        for index in tiles if tiles is not None else [len(page.dataoffsets) // 2]:
+            offset, count = page.dataoffsets[index], page.databytecounts[index]
+            data[offset:offset + count] = b"\x00" * count
+    path.write_bytes(bytes(data))
+    return path

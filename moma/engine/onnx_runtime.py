@@ -31,6 +31,8 @@ def open_session(path: str | Path, device: torch.device):
     providers = [p for p in wanted if p in ort.get_available_providers()] + ["CPUExecutionProvider"]
     options = ort.SessionOptions()
     options.log_severity_level = 3  # errors only: ORT warns about unused initialisers on stderr otherwise
+    # One knob for both runtimes: torch's thread count (OMP_NUM_THREADS, torch.set_num_threads).
+    options.intra_op_num_threads = torch.get_num_threads()
     try:
         return ort.InferenceSession(str(path), sess_options=options, providers=providers)
     except Exception as exc:  # ORT raises its own exception types for a bad file
