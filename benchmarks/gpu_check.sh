@@ -4,7 +4,10 @@
 #   1. the CUDA tests (tests/test_cuda.py: bf16/fp16 autocast, channels_last, torch.compile, MoMA on CUDA);
 #   2. an EfficientNet-B0 teacher at 224 px with bf16 + channels_last + torch.compile (2 epochs);
 #   3. a one-GPU `torchrun` MoMA run from that teacher (2 epochs, bf16, channels_last);
-#   4. the throughput benchmark (benchmarks/throughput.py) at 224 px, EfficientNet-B0, batch 64.
+#   4. the throughput benchmark (benchmarks/throughput.py) at 224 px, EfficientNet-B0, batch 64;
+#   5. slide prediction on a generated slide of 100,000 tissue tiles of 224 px (JPEG tiles, like a
+#      scanner's; about 2 GB under $GPU_CHECK_DIR) with a resnet18 (benchmarks/slides.py --gpu): the
+#      goal is 60 s for the slide with 16 CPU cores reading; the line says whether it was met.
 # Everything reads the shipped demo tiles only (upscaled to 224 px) and writes under $GPU_CHECK_DIR
 # (default: a new temporary folder). Exits non-zero at the first failing step, and at once, with a
 # message, where PyTorch sees no CUDA device.
@@ -61,6 +64,9 @@ step "one-GPU torchrun MoMA run" 180 \
 step "throughput benchmark, 224 px" 240 \
     "$PYTHON" benchmarks/throughput.py --arch efficientnet_b0 --image-size 224 --batch-size 64 --rounds 3 --steps 4 \
     --skip wait,parts
+
+step "slide predict: 100,000 JPEG tiles of 224 px, resnet18" 420 \
+    env SLIDES_BENCH_DIR="$OUT" "$PYTHON" benchmarks/slides.py --gpu --batch-size 256
 
 echo "gpu_check: all passed on $GPU in ${SECONDS} s"
 printf '  %s\n' "${TIMES[@]}"
