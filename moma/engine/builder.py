@@ -25,6 +25,7 @@ from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
 from moma.errors import CheckpointError, ConfigError
 from moma.models.backbone import create_backbone, load_backbone_weights, read_state_dict, same_architecture
 from moma.models.taps import FeatureTap, TapOutputs, num_stages
+from moma.models.vit_layouts import imported_build
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +118,7 @@ def load_teacher(path: str | Path) -> Teacher:
     state, meta = load_model_checkpoint(path)
     if meta.head is not None:
         raise CheckpointError(f"teacher {path}: a student with a '{meta.head['method']}' head cannot serve as a teacher")
-    model = create_backbone(meta.arch, meta.num_classes)
+    model = create_backbone(meta.arch, meta.num_classes, **imported_build(meta))
     load_backbone_weights(model, state, f"teacher {path}")
     model.eval()
     return Teacher(FeatureTap(model), meta, state)

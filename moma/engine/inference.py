@@ -21,6 +21,7 @@ from moma.engine.layout import EVAL_TAG
 from moma.errors import CheckpointError, DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
 from moma.models.deployed import DeployedClassifier, split_deploy_state
+from moma.models.vit_layouts import imported_build
 from moma.utils.io import atomic_write_text
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def load_classifier(path: str | Path, device: torch.device) -> tuple[torch.nn.Mo
     if not meta.class_names:
         raise CheckpointError(f"checkpoint {path} is a features-only teacher (no classifier): it cannot classify "
                               "tiles; use it as --teacher for a feature method")
-    backbone = create_backbone(meta.arch, meta.num_classes)
+    backbone = create_backbone(meta.arch, meta.num_classes, **imported_build(meta))
     backbone_state, head_state = split_deploy_state(state)
     head = None
     if meta.head is not None:

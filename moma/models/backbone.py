@@ -11,18 +11,22 @@ from torch import nn
 
 from moma.errors import CheckpointError, ConfigError
 from moma.models.external import read_weights_file
+from moma.models.vit_layouts import set_embedding, timm_kwargs
 
 log = logging.getLogger(__name__)
 
 
-def create_backbone(arch: str, num_classes: int, drop_rate: float | None = None) -> nn.Module:
-    """A timm model by name with a fresh ``num_classes`` classifier. Never downloads anything."""
+def create_backbone(arch: str, num_classes: int, drop_rate: float | None = None, model_args: dict | None = None,
+                    embedding: str | None = None) -> nn.Module:
+    """A timm model by name with a fresh ``num_classes`` classifier. Never downloads anything.
+    ``model_args``/``embedding``: what an imported teacher records (moma.models.vit_layouts)."""
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:5]
         hint = f" (similar: {', '.join(close)})" if close else ""
         raise ConfigError(f"model.arch '{arch}' is not a timm model{hint}")
     kwargs = {} if drop_rate is None else {"drop_rate": drop_rate}
-    return timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs)
+    model = timm.create_model(arch, pretrained=False, num_classes=num_classes, **kwargs, **timm_kwargs(model_args))
+    return set_embedding(model, embedding)
 
 
 def read_state_dict(path: str | Path) -> dict[str, torch.Tensor]:

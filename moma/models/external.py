@@ -1,9 +1,8 @@
 """Weights trained elsewhere, read safely and fitted to a timm architecture.
 
 Reads a timm state dict (``.safetensors``, or a torch file ``.pth``/``.pt``/``.bin``, bare or
-wrapped in ``state_dict``/``model``, with ``module.`` prefixes), a folder in the layout of timm's
-``save_for_hf``/``push_to_hub`` (``config.json`` + ``model.safetensors`` or
-``pytorch_model.bin``), and renames two foreign layouts to timm's: torchvision EfficientNet
+wrapped in ``state_dict``/``model``, with ``module.`` prefixes; hub folders are
+:mod:`moma.models.hub_import`'s), and renames two foreign layouts to timm's: torchvision EfficientNet
 (``features.*``) and EfficientNet-PyTorch (``_conv_stem``/``_blocks.N``), the latter being what
 the official MoMA code trains. torchvision ResNets already use timm's names.
 
@@ -14,11 +13,9 @@ first bytes, not its suffix.
 
 from __future__ import annotations
 
-import json
 import logging
 import pickle
 import re
-from dataclasses import dataclass
 from pathlib import Path
 
 import timm
@@ -26,30 +23,12 @@ import torch
 from torch import nn
 
 from moma.errors import CheckpointError, ConfigError
+from moma.models.vit_layouts import timm_kwargs
 
 log = logging.getLogger(__name__)
 
 WRAPPER_KEYS = ("state_dict", "model", "model_state", "model_state_dict", "net", "network", "state_dict_ema")
 PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
-CONFIG_FILE = "config.json"
-FOLDER_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
-# timm config.json model_args that do not change the weights' layout (others would need to be
-# passed to create_model, which a teacher checkpoint cannot record).
-HARMLESS_MODEL_ARGS = {"num_classes", "in_chans", "global_pool", "drop_rate", "drop_path_rate"}
-
-
-@dataclass
-class ExternalModel:
-    """An external model fitted to a timm architecture."""
-
-    arch: str
-    state: dict[str, torch.Tensor]  # timm keys, loads strictly into create_model(arch, num_classes)
-    num_classes: int  # 0: features only (no classifier)
-    class_names: list[str] | None  # from a timm folder's config.json, when it names them
-    image_size: int | None  # from config.json or timm's default for the architecture
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-    layout: str  # which naming the weights came in: timm, torchvision-efficientnet, efficientnet-pytorch
 
 
 # ---------------------------------------------------------------- reading files
@@ -132,54 +111,6 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             key = key.split(".", 1)[1]
         out[key] = value
     return out
-
-
-@dataclass
-class FolderConfig:
-    arch: str
-    class_names: list[str] | None
-    image_size: int | None
-    mean: tuple[float, ...] | None
-    std: tuple[float, ...] | None
-
-
-def read_timm_folder(folder: Path) -> tuple[dict[str, torch.Tensor], FolderConfig]:
-    """Weights and configuration from a folder written by timm's ``save_for_hf``/``push_to_hub``."""
-    config_path = folder / CONFIG_FILE
-    if not config_path.is_file():
-        raise CheckpointError(f"{folder}: not a timm model folder (no {CONFIG_FILE}); give a weights file and --arch instead")
-    try:
-        raw = json.loads(config_path.read_text())
-    except json.JSONDecodeError as exc:
-        raise CheckpointError(f"{config_path}: not valid JSON ({exc})") from None
-    weights = next((folder / name for name in FOLDER_WEIGHTS if (folder / name).is_file()), None)
-    if weights is None:
-        raise CheckpointError(f"{folder}: has {CONFIG_FILE} but neither {' nor '.join(FOLDER_WEIGHTS)}")
-    return read_weights_file(weights), parse_timm_config(raw, config_path)
-
-
-def parse_timm_config(raw: dict, origin: Path) -> FolderConfig:
-    pretrained = raw.get("pretrained_cfg", raw)  # older exports keep everything at the top level
-    arch = raw.get("architecture") or pretrained.get("architecture")
-    if not arch:
-        raise CheckpointError(f"{origin}: no 'architecture' key; give the weights file with --arch instead")
-    extra = sorted(set(raw.get("model_args", {})) - HARMLESS_MODEL_ARGS)
-    if extra:
-        raise CheckpointError(f"{origin}: model_args {', '.join(extra)} change the architecture '{arch}', which a "
-                              "teacher checkpoint cannot record; export the model with default arguments")
-    if raw.get("model_args", {}).get("in_chans", 3) != 3:
-        raise CheckpointError(f"{origin}: the model takes {raw['model_args']['in_chans']} input channels; tiles are RGB (3)")
-    names = raw.get("label_names", pretrained.get("label_names", raw.get("labels")))
-    if isinstance(names, dict):  # {index: name}
-        names = [names[k] for k in sorted(names, key=int)]
-    input_size = pretrained.get("input_size")
-    return FolderConfig(
-        arch=arch,
-        class_names=[str(n) for n in names] if names else None,
-        image_size=int(input_size[-1]) if input_size else None,
-        mean=tuple(pretrained["mean"]) if "mean" in pretrained else None,
-        std=tuple(pretrained["std"]) if "std" in pretrained else None,
-    )
 
 
 # ---------------------------------------------------------------- foreign layouts
@@ -295,10 +226,21 @@ def check_arch(arch: str) -> None:
         raise ConfigError(f"--arch '{arch}' is not a timm model{hint}")
 
 
-def classifier_keys(arch: str) -> set[str]:
+def create(arch: str, num_classes: int, model_args: dict | None = None, meta: bool = True) -> nn.Module:
+    """A timm model with the (JSON) arguments an import recorded; by default on the meta device: its
+    structure without memory or initialisation, which for a ViT-g would take gigabytes and seconds."""
+    try:
+        with torch.device("meta" if meta else "cpu"):
+            return timm.create_model(arch, pretrained=False, num_classes=num_classes, **timm_kwargs(model_args))
+    except (TypeError, ValueError, AssertionError, RuntimeError) as exc:
+        raise CheckpointError(f"timm '{arch}' cannot be built with {model_args}: {exc}") from None
+
+
+def classifier_keys(arch: str, model_args: dict | None = None) -> set[str]:
     """State-dict keys of ``arch``'s classifier: those a 1-class model has and a headless one lacks."""
-    with_head = timm.create_model(arch, pretrained=False, num_classes=1).state_dict()
-    headless = timm.create_model(arch, pretrained=False, num_classes=0).state_dict()
+    shallow = {**model_args, "depth": 1} if model_args and "depth" in model_args else model_args  # same head, less work
+    with_head = create(arch, 1, shallow).state_dict()
+    headless = create(arch, 0, shallow).state_dict()
     return set(with_head) - set(headless)
 
 
@@ -322,77 +264,13 @@ def fit_errors(model: nn.Module, state: dict[str, torch.Tensor]) -> str | None:
     return "; ".join(p for p in parts if p)
 
 
-def fit_to_arch(state: dict[str, torch.Tensor], arch: str, num_classes: int, origin: str) -> nn.Module:
+def fit_to_arch(state: dict[str, torch.Tensor], arch: str, num_classes: int, origin: str,
+                model_args: dict | None = None) -> nn.Module:
     """A timm model with exactly ``state`` loaded; a one-line error naming the first bad keys otherwise."""
-    model = timm.create_model(arch, pretrained=False, num_classes=num_classes)
+    model = create(arch, num_classes, model_args)
     problem = fit_errors(model, state)
     if problem:
         raise CheckpointError(f"{origin}: the weights do not fit timm '{arch}': {problem}; check --arch "
                               "(the architecture and variant the weights were trained with)")
-    model.load_state_dict(state, strict=True)
+    model.load_state_dict(state, strict=True, assign=True)  # the weights become the parameters: no copy
     return model.eval()
-
-
-def _classifier_outputs(state: dict[str, torch.Tensor], head_keys: set[str]) -> int:
-    weights = [state[k] for k in sorted(head_keys) if k in state and k.endswith("weight") and state[k].ndim >= 2]
-    return int(weights[-1].shape[0]) if weights else 0
-
-
-def _choose_classes(origin: str, outputs: int, class_names: list[str] | None, folder_names: list[str] | None,
-                    features_only: bool) -> tuple[int, list[str] | None]:
-    if features_only:
-        return 0, None
-    names = class_names or folder_names
-    if outputs == 0:
-        if class_names:
-            raise CheckpointError(f"{origin}: the weights have no classifier, so --classes cannot be used; "
-                                  "import it with --features-only")
-        log.info("%s: no classifier in the weights: imported as a features-only teacher", origin)
-        return 0, None
-    if names is None:
-        raise CheckpointError(f"{origin}: the weights have a {outputs}-class classifier: name its classes in output "
-                              "order with --classes a,b,... or drop it with --features-only")
-    if len(names) != outputs:
-        raise CheckpointError(f"{origin}: {len(names)} class names given ({', '.join(names)}) but the classifier has "
-                              f"{outputs} outputs; give {outputs} names in output order or use --features-only")
-    if len(set(names)) != len(names):
-        raise CheckpointError(f"{origin}: class names repeat ({', '.join(names)}); each class needs its own name")
-    return outputs, list(names)
-
-
-def import_external(source: str | Path, arch: str | None = None, class_names: list[str] | None = None,
-                    features_only: bool = False) -> ExternalModel:
-    """Read ``source`` (a weights file or a timm folder) and fit it to ``arch``."""
-    source = Path(source)
-    folder = None
-    if source.is_dir():
-        state, folder = read_timm_folder(source)
-        if arch and arch != folder.arch:
-            raise ConfigError(f"--arch {arch}: {source / CONFIG_FILE} names '{folder.arch}'; leave --arch out for a folder")
-        arch = folder.arch
-    elif not source.exists():
-        raise CheckpointError(f"{source}: no such file or folder")
-    else:
-        if not arch:
-            raise ConfigError(f"{source}: a weights file does not say its architecture; give --arch (a timm model name)")
-        state = read_weights_file(source)
-    check_arch(arch)
-    headless = timm.create_model(arch, pretrained=False, num_classes=0)
-    state, layout = rename_to_timm(state, headless)
-    head_keys = classifier_keys(arch)
-    num_classes, names = _choose_classes(str(source), _classifier_outputs(state, head_keys), class_names,
-                                         folder.class_names if folder else None, features_only)
-    if num_classes == 0:
-        state = {k: v for k, v in state.items() if k not in head_keys}
-    model = fit_to_arch(state, arch, num_classes, str(source))
-    defaults = model.pretrained_cfg
-    return ExternalModel(
-        arch=arch,
-        state=dict(model.state_dict()),
-        num_classes=num_classes,
-        class_names=names,
-        image_size=(folder.image_size if folder and folder.image_size else int(defaults["input_size"][-1])),
-        mean=(folder.mean if folder and folder.mean else tuple(defaults["mean"])),
-        std=(folder.std if folder and folder.std else tuple(defaults["std"])),
-        layout=layout,
-    )
