@@ -331,9 +331,13 @@ def cmd_import_teacher(args) -> int:
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     meta = import_teacher(args.source, args.out, arch=args.arch, class_names=classes, features_only=args.features_only,
                           image_size=args.image_size, mpp=args.mpp, mean=parse_floats(args.mean, "--mean"),
-                          std=parse_floats(args.std, "--std"))
+                          std=parse_floats(args.std, "--std"), embedding=args.embedding, layout=args.layout)
     kind = f"{meta.num_classes} classes ({', '.join(meta.class_names)})" if meta.class_names else "features only"
-    print(f"teacher {meta.arch}, {kind}, {meta.image_size} px, mean {meta.mean}, std {meta.std} -> {args.out}")
+    known = f"{meta.config['foundation']} ({meta.config['source']}), " if "foundation" in meta.config else ""
+    recipe = meta.config.get("embedding")
+    embedding = f", embedding {recipe} ({meta.config.get('embedding_dim', '?')} wide)" if recipe else ""
+    print(f"teacher {known}{meta.arch}, {kind}{embedding}, {meta.image_size} px, mean {meta.mean}, std {meta.std} "
+          f"-> {args.out}")
     return 0
 
 
@@ -395,10 +399,15 @@ def build_parser() -> argparse.ArgumentParser:
     _add_slide_args(slides, predicting=True)
     predict.set_defaults(func=cmd_predict)
 
-    imported = sub.add_parser("import-teacher", help="turn an external model (timm/torchvision weights, a timm folder) "
-                                                     "into a teacher checkpoint")
+    imported = sub.add_parser("import-teacher", help="turn an external model (timm/torchvision weights, a timm or "
+                                                     "transformers hub folder) into a teacher checkpoint")
     imported.add_argument("source", help="weights file (.safetensors/.pth/.pt/.bin) or a Hugging Face hub folder (config.json + weights)")
     imported.add_argument("--arch", help="timm model name (read from config.json for a folder)")
+    imported.add_argument("--layout", metavar="NAME", help="a published foundation model (uni, uni2-h, virchow2, "
+                          "h-optimus-0): its card's timm arguments and embedding, for a bare weights file; a folder "
+                          "is recognised from its config.json")
+    imported.add_argument("--embedding", metavar="RECIPE", help="a vision transformer's embedding: class, mean-patch "
+                          "or class+mean-patch (class token and mean patch token concatenated); default: the card's")
     labels = imported.add_mutually_exclusive_group()
     labels.add_argument("--classes", help="class names in the classifier's output order, comma-separated")
     labels.add_argument("--features-only", action="store_true",
