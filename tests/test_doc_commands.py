@@ -483,7 +483,7 @@ def _architecture_problems(command: Command, cfg, method_cls, runs: dict[str, An
     if teacher is None or teacher is cfg:
         return []
     problems = []
-    if method_cls.requires_same_architecture and teacher.model.arch != cfg.model.arch:
+    if method_cls.requires_same_architecture(method_cls.parse_params(cfg.distill.params)) and teacher.model.arch != cfg.model.arch:
         problems.append(f"{command.where()}: distill.method '{method_cls.name}' needs a teacher of the student's "
                         f"architecture; the teacher is {teacher.model.arch}, the student {cfg.model.arch}")
     if cfg.distill.student_init == "teacher" and teacher.model.arch != cfg.model.arch:
@@ -622,7 +622,7 @@ def test_the_checker_catches_a_method_that_refuses_the_documented_teacher():
         "```bash",
         "moma train configs/demo/teacher_lung.yaml --name my-teacher",
         "moma distill configs/demo/teacher_lung.yaml --method moma --teacher runs/my-teacher/best.safetensors "
-        "--arch resnet18",
+        "--arch resnet18 --set distill.params.keys=momentum",
         "moma distill configs/demo/teacher_lung.yaml --method crd --teacher runs/my-teacher --arch resnet18",
         "moma evalute runs/x data",
         "```",

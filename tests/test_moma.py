@@ -53,9 +53,11 @@ def perturb(module, seed=5):
 
 def test_class_attributes_and_default_weights(build):
     cls = get_method("moma")
-    assert cls.requires_same_architecture and cls.teacher_is_updated and not cls.needs_teacher_classes
+    assert not cls.needs_teacher_classes and not cls.requires_same_architecture(cls.Params())  # keys: auto
+    assert cls.requires_same_architecture(cls.parse_params({"keys": "momentum"}))
     assert (cls.default_ce_weight, cls.default_kl_weight) == (1.0, 1.0)
     task = build()
+    assert task.method.key_source == "momentum" and task.method.updates_teacher  # the student starts as the teacher
     assert task.loss_weights() == {"ce": 1.0, "kl": 1.0, "nce": 1.0}
     params = task.method.params
     assert (params.momentum, params.nce_temperature, params.feat_dim, params.num_heads) == ("auto", 0.15, 512, 4)
@@ -80,9 +82,13 @@ def test_momentum_auto_keeps_the_papers_run_to_horizon_ratio():
     assert resolve_momentum(0.9, 200) == 0.9
 
 
-def test_another_architecture_is_a_config_error(build):
+def test_a_momentum_teacher_of_another_architecture_is_a_config_error_and_auto_takes_frozen_teacher_keys(build):
     with pytest.raises(ConfigError, match="architecture"):
-        build(teacher_arch="test_efficientnet")
+        build(teacher_arch="test_efficientnet", keys="momentum")
+    task = build(teacher_arch="test_efficientnet")  # keys: auto
+    assert task.method.key_source == "teacher" and not task.method.updates_teacher
+    owners = {k.split(".")[1] for k in task.state_dict() if k.startswith("method.")}
+    assert owners == {"embed_s", "atts_q", "key_head", "key_head_m", "queue", "ema_step"}
 
 
 def test_state_dict_holds_method_state_once(build):
@@ -281,8 +287,9 @@ def test_distillation_loss_goes_down_on_a_fixed_batch(build):
     assert int(task.method.queue.ptr) == (30 * 6) % 64 and int(task.method.ema_step) == 30
 
 
-def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder, make_config, monkeypatch):
-    teacher = save_teacher(tmp_path / "teacher.safetensors", CLASSES)
+@pytest.mark.parametrize("teacher_arch", ["test_resnet", "test_efficientnet"])  # momentum teacher; frozen-teacher keys
+def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder, make_config, monkeypatch, teacher_arch):
+    teacher = save_teacher(tmp_path / "teacher.safetensors", CLASSES, teacher_arch)
     cfg = make_config(tile_folder, optim={"epochs": 2, "batch_size": 12},
                       distill={"method": "moma", "teacher": str(teacher), "params": {"queue_size": 20}})
     reference = run_training(cfg).run_dir
@@ -302,8 +309,10 @@ def test_resume_gives_identical_student_teacher_and_queue(tmp_path, tile_folder,
     assert int(a["method.ema_step"]) >= 4  # one momentum update per step, restored with the task
     teacher_keys = [k for k in a if k.startswith("teacher.")]
     initial = load_file(str(teacher))
-    assert any(not torch.equal(a[k], initial[k.removeprefix("teacher.model.")]) for k in teacher_keys
-               if k.removeprefix("teacher.model.") in initial)
+    changed = [not torch.equal(a[k], initial[k.removeprefix("teacher.model.")]) for k in teacher_keys
+               if k.removeprefix("teacher.model.") in initial]
+    assert any(changed) == (teacher_arch == "test_resnet")  # only a momentum teacher moves
+    assert (int(a["method.queue.owners"].max()) >= 0)  # the memory was written, and restored with the rest
 
 
 def test_query_and_keys_are_unit_vectors_after_the_attention_by_default(build):

@@ -9,8 +9,9 @@ from torch import nn
 
 from moma.distill.batch_attention import BatchAttention, BatchAttentionBlock
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
-from moma.distill.moma import (ProjectionHead, contrast_diagnostics, infonce_logits, infonce_loss, mean_pairwise_cosine,
-                               resolve_queue_size)
+from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast_diagnostics, infonce_logits, infonce_loss,
+                                   key_agreement, mean_pairwise_cosine)
+from moma.distill.moma import resolve_queue_size
 from moma.distill.queue import KeyQueue
 
 
@@ -291,3 +292,33 @@ def test_contrast_diagnostics_by_hand():
     assert float(out["nce_retrieval"]) == pytest.approx(2 / 3)  # argmax takes the first of a tie
     assert float(out["nce_query_norm"]) == pytest.approx((1 + 1 + math.sqrt(2)) / 3)
     assert float(out["nce_key_cos"]) == pytest.approx(float(mean_pairwise_cosine(positive)))
+
+
+def test_key_agreement_is_matched_minus_unmatched_cosine_by_hand():
+    query = torch.tensor([[1.0, 0.0], [0.0, 2.0]])
+    keys = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # cosines: q0.k0 = 1, q0.k1 = 1/sqrt2, q1.k0 = 0, q1.k1 = 1/sqrt2
+    matched, unmatched = (1 + 1 / math.sqrt(2)) / 2, (1 / math.sqrt(2) + 0) / 2
+    assert float(key_agreement(query, keys)) == pytest.approx(matched - unmatched)
+    same = torch.tensor([[1.0, 0.0], [1.0, 0.0]])
+    assert float(key_agreement(same, same)) == pytest.approx(0.0)  # every key alike: no per-sample agreement
+
+
+def test_in_batch_negatives_leave_out_the_query_s_own_sample_wherever_it_occurs():
+    mask = batch_negative_mask(torch.tensor([4, 7, 4]))
+    assert mask.tolist() == [[False, True, False], [True, False, True], [False, True, False]]
+
+
+def test_an_ema_key_head_caps_the_auto_queue_within_half_its_horizon():
+    assert resolve_queue_size("auto", 1000, 48) == 960  # no EMA head: the training set, rounded to the batch
+    assert resolve_queue_size("auto", 1000, 48, momentum=0.9) == 48 * 5  # horizon 10 steps -> 5 batches
+    assert resolve_queue_size("auto", 100, 48, momentum=0.99) == 96  # the training set is smaller still
+    assert resolve_queue_size(500, 1000, 48, momentum=0.9) == 500  # an explicit size is kept
+
+
+def test_auto_keys_use_the_momentum_teacher_only_when_the_student_starts_as_the_teacher():
+    from moma.distill.moma import resolve_key_source
+
+    assert resolve_key_source("auto", student_from_teacher=True) == "momentum"
+    assert resolve_key_source("auto", student_from_teacher=False) == "teacher"
+    assert resolve_key_source("momentum", student_from_teacher=False) == "momentum"

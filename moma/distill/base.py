@@ -80,6 +80,7 @@ class MethodContext:
     num_unlabelled: int = 0  # tiles in the unlabelled pool (rows num_train_samples - num_unlabelled ..)
     teacher_class_order: list[int] | None = None  # teacher class index of each student class, when they differ
     total_steps: int | None = None  # optimiser steps of the whole run (schedules tied to the run's length)
+    student_from_teacher: bool = False  # the student starts from the teacher's weights
 
 
 class DistillMethod(nn.Module):
@@ -92,10 +93,6 @@ class DistillMethod(nn.Module):
     requires_teacher: ClassVar[bool] = True
     # Uses the teacher's class outputs (logits or classifier): needs a teacher trained on the data's classes.
     needs_teacher_classes: ClassVar[bool] = False
-    # The teacher must have the student's layers (MoMA: it becomes a momentum average of the student).
-    requires_same_architecture: ClassVar[bool] = False
-    # The method changes the teacher's weights while training (so they are part of the training state).
-    teacher_is_updated: ClassVar[bool] = False
     # Some student parameters get no gradient (SimKD's own classifier): DDP must look for unused ones.
     student_has_unused_parameters: ClassVar[bool] = False
     # Its terms can use tiles without labels (the unlabelled pool): False for a method that needs
@@ -112,6 +109,13 @@ class DistillMethod(nn.Module):
         self.loss_weights: dict[str, float] = {}
         self.student_stages: tuple[int, ...] = ()
         self.teacher_stages: tuple[int, ...] = ()
+        self.updates_teacher = False  # True: the method changes the teacher's weights (MoMA's momentum teacher)
+
+    @classmethod
+    def requires_same_architecture(cls, params: MethodParams) -> bool:
+        """Whether, with these parameters, the teacher must have the student's layers (MoMA with a
+        momentum teacher: it becomes an average of the student's weights)."""
+        return False
 
     @classmethod
     def parse_params(cls, raw: dict | None) -> MethodParams:
@@ -159,6 +163,10 @@ class DistillMethod(nn.Module):
     def on_epoch_end(self, epoch: int, train_means: dict[str, float]) -> None:
         """Called after each training epoch with the epoch's mean of every term the method returned
         (losses and diagnostics), e.g. to warn about a term that stopped carrying information."""
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """Trainable parameters of the method to leave out of weight decay."""
+        return []
 
     def extra_parameters(self) -> int:
         """Trainable parameters the method adds beyond the student (connectors, heads)."""

@@ -44,6 +44,8 @@ from torch.nn.modules.batchnorm import _BatchNorm
 
 from moma.distill.base import Batch, DistillMethod, MethodContext, MethodParams
 from moma.distill.batch_attention import AttentionWiring, BatchAttentionBlock
+from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast_diagnostics, infonce_loss,
+                                   mean_pairwise_cosine)
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
@@ -57,51 +59,7 @@ log = logging.getLogger(__name__)
 PAPER_QUEUE_SIZE = 16384  # --nce_k in train_student_moma.py and scripts/run_moma.sh
 
 
-# ----------------------------------------------------------------------------- the loss
-
-
-def infonce_logits(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
-                   mask: torch.Tensor | None = None) -> torch.Tensor:
-    r"""MoCo logits (He et al., CVPR 2020, eq. 1; MoMA ``MoCo._compute_logit``), in float32:
-
-    .. math:: \ell_i = \big[\, q_i \cdot k_i^{+},\; q_i \cdot n_1,\; \dots,\; q_i \cdot n_K \,\big] / \tau
-
-    ``query`` and ``positive`` are (N, D), ``negatives`` the queue (K, D); returns (N, 1 + K).
-    ``mask`` (N, K): False leaves negative j out of row i (its logit is -inf).
-    """
-    with torch.autocast(query.device.type, enabled=False):
-        q = query.float()
-        pos = (q * positive.float()).sum(dim=1, keepdim=True)
-        neg = q @ negatives.float().t()
-        if mask is not None:
-            neg = neg.masked_fill(~mask, float("-inf"))
-        return torch.cat([pos, neg], dim=1) / temperature
-
-
-def infonce_loss(query: torch.Tensor, positive: torch.Tensor, negatives: torch.Tensor, temperature: float,
-                 mask: torch.Tensor | None = None) -> torch.Tensor:
-    r"""InfoNCE with the positive at index 0 (MoMA's :math:`L_{NCE}`, the code's ``CrossEntropyLoss``
-    on the logits of :func:`infonce_logits` with label 0), averaged over the batch:
-
-    .. math:: L_{NCE} = -\frac{1}{N}\sum_i \log \frac{\exp(q_i \cdot k_i^{+} / \tau)}
-              {\exp(q_i \cdot k_i^{+} / \tau) + \sum_{j=1}^{K} \exp(q_i \cdot n_j / \tau)}
-    """
-    logits = infonce_logits(query, positive, negatives, temperature, mask)
-    return F.cross_entropy(logits, torch.zeros(len(logits), dtype=torch.long, device=logits.device))
-
-
 # ----------------------------------------------------------------------------- building blocks
-
-
-class ProjectionHead(nn.Module):
-    """The code's ``--head mlp``: Linear(d, d) -> ReLU -> Linear(d, feat_dim) -> L2 normalisation."""
-
-    def __init__(self, in_dim: int, out_dim: int):
-        super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(in_dim, in_dim), nn.ReLU(inplace=True), nn.Linear(in_dim, out_dim))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.mlp(x.flatten(1)), dim=1)
 
 
 def pooled_features(model: nn.Module, out: TapOutputs) -> torch.Tensor:
@@ -165,15 +123,29 @@ def _arch_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | None) -> int:
+def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | None, momentum: float | None = None) -> int:
     """``auto``: the paper's 16384, clamped to the largest multiple of the batch that does not exceed
-    the training-set size (the queue then never holds more keys than there are training tiles)."""
+    the training-set size (the queue then never holds more keys than there are training tiles).
+    With ``momentum`` (keys from an EMA key head) also to at most half its horizon 1 / (1 - momentum)
+    in batches, so no slot holds a key of a head that no longer exists."""
     if requested != "auto":
         return int(requested)
     size = min(PAPER_QUEUE_SIZE, max(num_train, 1))
+    if momentum is not None and batch_size:
+        horizon_steps = 1.0 / max(1.0 - momentum, 1e-12)
+        size = min(size, batch_size * max(1, int(horizon_steps // 2)))
     if batch_size and size >= batch_size:
         size -= size % batch_size
     return size
+
+
+def resolve_key_source(requested: str, student_from_teacher: bool) -> str:
+    """``auto``: a momentum teacher where it works, i.e. when the student starts as a copy of the
+    teacher (the EMA then averages two related networks); keys from the frozen teacher otherwise
+    (from random weights the momentum teacher averages the teacher with an unrelated network)."""
+    if requested != "auto":
+        return requested
+    return "momentum" if student_from_teacher else "teacher"
 
 
 # ----------------------------------------------------------------------------- the method
@@ -181,9 +153,9 @@ def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | N
 #: Each preset fills the parameters the user leaves unset. ``default`` is the design chosen on
 #: validation data (docs/moma.md, "Choosing the default"); ``official-code`` is the published code.
 PRESETS: dict[str, dict[str, object]] = {
-    "default": {"key_attention": "ema", "attention": "rezero", "normalize": True, "single_teacher_pass": True,
-                "momentum": "auto", "queue_size": "auto", "mask_memory": True},
-    "official-code": {"key_attention": "frozen", "attention": "plain", "normalize": False,
+    "default": {"keys": "auto", "key_attention": "ema", "attention": "rezero", "normalize": True,
+                "single_teacher_pass": True, "momentum": "auto", "queue_size": "auto", "mask_memory": True},
+    "official-code": {"keys": "momentum", "key_attention": "frozen", "attention": "plain", "normalize": False,
                       "single_teacher_pass": False, "momentum": 0.999, "queue_size": PAPER_QUEUE_SIZE,
                       "mask_memory": False},
 }
@@ -197,6 +169,11 @@ class MoMAParams(MethodParams):
     preset: Literal["default", "official-code"] = Field(
         "default", description="default: the design chosen on validation data; official-code: the published code "
         "(frozen key attentions, no residual, two teacher passes). Parameters set explicitly override the preset")
+    keys: Literal["auto", "momentum", "teacher"] | None = Field(
+        None, description="where the keys come from. momentum: a momentum teacher, an EMA of the student that starts "
+        "as the teacher (the paper; needs the student's architecture); teacher: the frozen teacher through a key "
+        "head whose EMA copy fills the memory (any teacher, any student start); auto: momentum when the student "
+        "starts as a copy of the teacher, else teacher")
     momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] | None = Field(
         None, description="EMA coefficient alpha of teacher, key head and key attention (code: --alpha 0.999); "
         "auto = 1 - 5 / (optimiser steps of the run), which is 0.999 at the paper's run length")
@@ -266,47 +243,21 @@ class KeyPass(TapOutputs):
     key_order: torch.Tensor | None = None
 
 
-def contrast_diagnostics(query: torch.Tensor, positive: torch.Tensor, negatives: int | torch.Tensor) -> dict[str, torch.Tensor]:
-    """Whether the contrastive term carries per-sample information (logged, never back-propagated):
-    its chance level ln(K + 1), K the negatives each query meets (``negatives``: one number, or one
-    per query when the memory masks slots; the mean over queries); the mean pairwise cosine of the queries and of the positive keys
-    within the batch (1 = every sample maps to the same vector); in-batch retrieval, the share of
-    queries whose best-scoring positive key is their own (chance 1/N); the mean query norm."""
-    with torch.no_grad():
-        n = query.shape[0]
-        scores = query.float() @ positive.float().t()
-        retrieval = (scores.argmax(dim=1) == torch.arange(n, device=query.device)).float().mean()
-        return {
-            "nce_chance": torch.log(torch.as_tensor(negatives, dtype=torch.float32, device=query.device) + 1).mean(),
-            "nce_query_cos": mean_pairwise_cosine(query),
-            "nce_key_cos": mean_pairwise_cosine(positive),
-            "nce_retrieval": retrieval,
-            "nce_query_norm": query.float().norm(dim=1).mean(),
-        }
-
-
-def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:
-    """Mean cosine similarity over the N(N - 1) ordered pairs of distinct rows of ``x``."""
-    n = x.shape[0]
-    if n < 2:
-        return torch.tensor(float("nan"), device=x.device)
-    unit = F.normalize(x.float(), dim=1)
-    total = unit.sum(dim=0)
-    return (total @ total - n) / (n * (n - 1))  # sum over all pairs minus the N self-pairs
-
-
 @register_method
 class MoMA(DistillMethod):
     name = "moma"
-    summary = "momentum teacher (EMA of the student) + InfoNCE with a queue + multi-head attention across the batch"
+    summary = ("InfoNCE against a memory of keys from a momentum teacher (EMA of the student) or, for any teacher, "
+               "from the frozen teacher through a momentum key head; multi-head attention across the batch")
     reference = "Vuong & Kwak, MoMA, Medical Image Analysis 101 (2025) 103421, arXiv 2308.16561"
     Params = MoMAParams
     requires_teacher = True
     needs_teacher_classes = False  # works across label sets; the KL term is then switched off by the builder
-    requires_same_architecture = True
-    teacher_is_updated = True
     default_ce_weight = 1.0  # -c 1
     default_kl_weight = 1.0  # -d 1 (same task only)
+
+    @classmethod
+    def requires_same_architecture(cls, params: MoMAParams) -> bool:
+        return params.keys == "momentum"
 
     def __init__(self, params: MoMAParams, ctx: MethodContext):
         super().__init__(params, ctx)
@@ -315,28 +266,21 @@ class MoMA(DistillMethod):
         # References only: both networks belong to the task (a tuple is not registered as submodules).
         self._taps: tuple[FeatureTap, FeatureTap] = (unwrap_parallel(ctx.student), unwrap_parallel(ctx.teacher))
         student, teacher = self._student_model, self._teacher_model
-        _check_same_architecture(student, teacher)
-        if not ctx.same_label_space:
-            _match_teacher_classifier(teacher, ctx.num_classes)
+        self.key_source = resolve_key_source(params.keys, ctx.student_from_teacher)
+        self.updates_teacher = self.key_source == "momentum"
         teacher.requires_grad_(False)
-        self._classifier = _classifier_names(teacher)
-        order = ctx.teacher_class_order
-        # Teacher classifier row i is student row inverse[i] when the same classes come in another order.
-        self.register_buffer("class_inverse", torch.argsort(torch.as_tensor(order or [], dtype=torch.long)), persistent=False)
         self.momentum = resolve_momentum(params.momentum, ctx.total_steps)
-
         with torch.no_grad():
             in_dim = pooled_features(student, ctx.student_probe).shape[1]
         self.embed_s = ProjectionHead(in_dim, params.feat_dim)
-        self.embed_t = ProjectionHead(in_dim, params.feat_dim).requires_grad_(False)  # independent init, as the code
         block = dict(dim=params.feat_dim, num_heads=params.num_heads, wiring=params.attention, normalize=params.normalize)
         self.atts_q = BatchAttentionBlock(**block)
-        self.atts_k = BatchAttentionBlock(**block).requires_grad_(False)
-        if params.key_attention == "frozen":  # the code: a second random module for the enqueued keys
-            self.atts_queue = BatchAttentionBlock(**block).requires_grad_(False)
+        if self.key_source == "momentum":
+            self._build_momentum_teacher(ctx, in_dim, block)
         else:
-            self.atts_k.load_state_dict(self.atts_q.state_dict())  # MoCo: the momentum copy starts equal
-        self.queue = KeyQueue(self._queue_size(params, ctx), params.feat_dim)
+            self._build_teacher_key_head(ctx)
+        self.queue = KeyQueue(self._queue_size(params, ctx, self.momentum if self.key_source == "teacher" else None),
+                              params.feat_dim)
         self.register_buffer("ema_step", torch.zeros((), dtype=torch.long))
         self.loss_weights = {"nce": params.beta}
 
@@ -347,15 +291,53 @@ class MoMA(DistillMethod):
             log.info("moma: preset %s with %s", params.preset,
                      ", ".join(f"{k}={v}" for k, v in params.overridden().items()))
         log.info(
-            "moma: preset %s; queue %d x %d, tau %g, alpha %.5g%s (%s), %d-head batch attention (%s, key attention %s%s), "
-            "key pass %s, teacher passes per step: %d", params.preset, self.queue.size, params.feat_dim,
+            "moma: keys from %s; preset %s; queue %d x %d, tau %g, alpha %.5g%s (%s), %d-head batch attention (%s, key attention %s%s), "
+            "key pass %s, teacher passes per step: %d", self._key_source_description(), params.preset, self.queue.size, params.feat_dim,
             params.nce_temperature, self.momentum, " (auto)" if params.momentum == "auto" else "",
             params.momentum_schedule, params.num_heads, params.attention, params.key_attention,
             ", L2-normalised" if params.normalize else "", self._key_pass_description(),
             2 if self._separate_logits_pass else 1,
         )
 
+    def _build_momentum_teacher(self, ctx: MethodContext, in_dim: int, block: dict) -> None:
+        """The paper's key encoder: the teacher becomes an EMA of the student, with its own key head
+        and key attention."""
+        teacher, params = self._teacher_model, self.params
+        _check_same_architecture(self._student_model, teacher)
+        if not ctx.same_label_space:
+            _match_teacher_classifier(teacher, ctx.num_classes)
+        self._classifier = _classifier_names(teacher)
+        # Teacher classifier row i is student row inverse[i] when the same classes come in another order.
+        order = ctx.teacher_class_order
+        self.register_buffer("class_inverse", torch.argsort(torch.as_tensor(order or [], dtype=torch.long)), persistent=False)
+        self.embed_t = ProjectionHead(in_dim, params.feat_dim).requires_grad_(False)  # independent init, as the code
+        self.atts_k = BatchAttentionBlock(**block).requires_grad_(False)
+        if params.key_attention == "frozen":  # the code: a second random module for the enqueued keys
+            self.atts_queue = BatchAttentionBlock(**block).requires_grad_(False)
+        else:
+            self.atts_k.load_state_dict(self.atts_q.state_dict())  # MoCo: the momentum copy starts equal
+
+    def _build_teacher_key_head(self, ctx: MethodContext) -> None:
+        """Keys for any teacher: the frozen teacher's pooled features through a key head learnt by
+        gradient (the in-batch keys) whose EMA copy writes the memory, so the memory's keys change
+        slowly (MoCo's consistency) while all knowledge comes from the teacher."""
+        with torch.no_grad():
+            teacher_dim = pooled_features(self._teacher_model, ctx.teacher_probe).shape[1]
+        self.key_head = ProjectionHead(teacher_dim, self.params.feat_dim)
+        self.key_head_m = ProjectionHead(teacher_dim, self.params.feat_dim).requires_grad_(False)
+        self.key_head_m.load_state_dict(self.key_head.state_dict())
+        if not ctx.teacher_num_classes:
+            log.info("moma: the teacher has no classifier (features only): no KL term, the keys carry its knowledge")
+
+    def _key_source_description(self) -> str:
+        if self.key_source == "momentum":
+            return "a momentum teacher (EMA of the student, started as the teacher)"
+        return (f"the frozen teacher ({_arch_name(self._teacher_model)}) through a key head; its EMA copy writes the "
+                "memory; in-batch negatives")
+
     def _key_pass_description(self) -> str:
+        if self.key_source == "teacher":
+            return "frozen teacher, eval-mode BN"
         if self.params.shuffle_bn == "none":
             return "plain BN" + (" (keys all-gathered across processes)" if dist_utils.is_distributed() else "")
         if dist_utils.is_distributed():
@@ -385,10 +367,11 @@ class MoMA(DistillMethod):
         return unwrap_parallel(self._taps[1]).model
 
     @staticmethod
-    def _queue_size(params: MoMAParams, ctx: MethodContext) -> int:
-        size = resolve_queue_size(params.queue_size, ctx.num_train_samples, ctx.batch_size)
+    def _queue_size(params: MoMAParams, ctx: MethodContext, momentum: float | None) -> int:
+        size = resolve_queue_size(params.queue_size, ctx.num_train_samples, ctx.batch_size, momentum)
         if params.queue_size == "auto":
-            log.info("moma: queue_size=auto -> %d keys (%d training tiles)", size, ctx.num_train_samples)
+            log.info("moma: queue_size=auto -> %d keys (%d training tiles%s)", size, ctx.num_train_samples,
+                     ", every slot rewritten within half the key head's EMA horizon" if momentum is not None else "")
         elif size > ctx.num_train_samples:
             log.warning(
                 "moma: the queue (%d keys) is larger than the training set (%d tiles): it will hold about %.1f keys "
@@ -409,7 +392,10 @@ class MoMA(DistillMethod):
 
     def _ema_pairs(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
         """(targets, sources) of the momentum update: teacher <- student, embed_t <- embed_s (and the
-        key attention <- atts_q with key_attention=ema)."""
+        key attention <- atts_q with key_attention=ema); for keys from the frozen teacher only the key
+        head's copy <- the key head."""
+        if self.key_source == "teacher":
+            return list(self.key_head_m.parameters()), list(self.key_head.parameters())
         teacher = dict(self._teacher_model.named_parameters())
         student = dict(self._student_model.named_parameters())
         targets, sources = [], []
@@ -433,7 +419,7 @@ class MoMA(DistillMethod):
         (the code's ``ContrastTrainer.momentum_update``); buffers per ``teacher_buffers``."""
         ema_update_(*self._ema_pairs(), self.current_momentum())
         mode = self.params.teacher_buffers
-        if mode != "keep":
+        if mode != "keep" and self.key_source == "momentum":
             targets, sources = paired_buffers(self._teacher_model, self._student_model)
             floats = [(t, s) for t, s in zip(targets, sources) if t.is_floating_point()]
             others = [(t, s) for t, s in zip(targets, sources) if not t.is_floating_point()]
@@ -452,6 +438,8 @@ class MoMA(DistillMethod):
         code's teacher weights. With the KL term on and ``single_teacher_pass`` off (the
         official-code preset) the KL logits come from a separate pass *before* the update, as in
         the code; otherwise from the key pass (a teacher one update further along)."""
+        if self.key_source == "teacher":
+            return self._frozen_teacher_pass(teacher, images)
         before_update = None
         if self._separate_logits_pass:
             bn_train = self.training and self.params.kl_teacher_bn == "train"
@@ -463,6 +451,18 @@ class MoMA(DistillMethod):
         if before_update is not None:
             key_pass.logits = before_update.logits
         return key_pass
+
+    def _frozen_teacher_pass(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
+        """The frozen teacher (eval mode, set by the task) once: its logits for the KL term, its pooled
+        features for the key head, and the memory's keys from the head's EMA copy."""
+        if self.training:
+            self.momentum_update()
+        with torch.no_grad():
+            out = teacher(images)
+            features = pooled_features(teacher.model, out).float()
+            with torch.autocast(images.device.type, enabled=False):
+                keys = self.key_head_m(features)
+        return KeyPass(logits=out.logits, embedding=features, keys=keys)
 
     def _key_pass(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
         """L2-normalised keys ``embed_t(f_t)`` with the teacher's outputs, in the batch's order.
@@ -546,21 +546,64 @@ class MoMA(DistillMethod):
         """The InfoNCE term and its diagnostics, from the :class:`KeyPass` of :meth:`teacher_forward`."""
         self.queue.commit()  # the previous step's keys, if after_step was not called
         with torch.autocast(batch.input.device.type, enabled=False):
-            features = pooled_features(self._student_model, student).float()
-            query = self.atts_q(self.embed_s(features))
-            positive, enqueued = self._attend_keys(teacher.keys, self._gather_keys(teacher.keys, teacher.key_order))
-            mask = self.queue.negative_mask(batch.index) if self.params.mask_memory else None
-            loss = infonce_loss(query, positive, self.queue.keys.detach(), self.params.nce_temperature, mask)
+            embedded = self.embed_s(pooled_features(self._student_model, student).float())
+            query = self.atts_q(embedded)
+            if self.key_source == "teacher":
+                positive, enqueued = self.key_head(teacher.embedding.float()), teacher.keys
+            else:
+                positive, enqueued = self._attend_keys(teacher.keys, self._gather_keys(teacher.keys, teacher.key_order))
+            negatives, mask = self._negatives(positive, batch.index)
+            loss = infonce_loss(query, positive, negatives, self.params.nce_temperature, mask)
         if self.training:  # written after the optimiser step: backward still reads the queue
             self.queue.stage(enqueued, self._gather_keys(batch.index, teacher.key_order))
-        negatives = mask.sum(dim=1) if mask is not None else self.queue.size
-        return {"nce": loss, **contrast_diagnostics(query, positive, negatives)}
+        counts = mask.sum(dim=1) if mask is not None else negatives.shape[0]
+        return {"nce": loss, **contrast_diagnostics(query, positive, counts), **self._attention_diagnostics(embedded, positive)}
+
+    def _negatives(self, positive: torch.Tensor, index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The memory, with the batch's other keys in front for keys from the frozen teacher (they
+        carry the key head's gradient); the mask leaves out unwritten slots and a query's own keys."""
+        memory = self.queue.keys.detach()
+        mask = self.queue.negative_mask(index) if self.params.mask_memory else None
+        if self.key_source == "momentum":
+            return memory, mask
+        memory_mask = mask if mask is not None else torch.ones(len(index), self.queue.size, dtype=torch.bool,
+                                                               device=memory.device)
+        return torch.cat([positive, memory]), torch.cat([batch_negative_mask(index), memory_mask], dim=1)
+
+    def _attention_diagnostics(self, embedded: torch.Tensor, positive: torch.Tensor) -> dict[str, torch.Tensor]:
+        """What the batch attention adds: in-batch retrieval before it (compare nce_retrieval, after
+        it) and the mean absolute gain of its residual branch (0 = the attention is switched off)."""
+        with torch.no_grad():
+            n = embedded.shape[0]
+            scores = F.normalize(embedded.float(), dim=1) @ positive.float().t()
+            before = (scores.argmax(dim=1) == torch.arange(n, device=scores.device)).float().mean()
+            gain = getattr(self.atts_q, "gain", None)
+            gain = gain.detach().abs().mean() if gain is not None else torch.tensor(float("nan"), device=scores.device)
+            return {"nce_retrieval_pre_attention": before, "attention_gain": gain}
 
     def after_step(self) -> None:
         self.queue.commit()
 
+    def _warn_teacher_without_signal(self, epoch: int, agreement: float | None) -> None:
+        """Keys from the frozen teacher that the student cannot follow at all after its first epoch
+        come from a teacher without per-sample signal (random or untrained weights, a collapsed
+        network): the contrastive term then only adds noise."""
+        if self.key_source != "teacher" or agreement is None or epoch < 1 or agreement >= NO_SIGNAL_AGREEMENT:
+            return
+        log.warning("moma: epoch %d: the student's embedding follows the teacher's (%s) keys no better than chance "
+                    "(key agreement %.3f; a trained teacher gives 0.1 or more): the teacher seems to carry no per-sample "
+                    "signal. Check distill.teacher (random or untrained weights?)", epoch + 1,
+                    _arch_name(self._teacher_model), agreement)
+
+    def no_weight_decay(self) -> list[nn.Parameter]:
+        """The attention's residual gain: decay would pull it to 0 whatever the loss says, so the
+        logged gain would measure the decay, not the attention's use."""
+        gain = getattr(self.atts_q, "gain", None)
+        return [gain] if gain is not None else []
+
     def on_epoch_end(self, epoch: int, train_means: dict[str, float]) -> None:
         """Warn when the epoch's mean InfoNCE says the contrastive term distils nothing."""
+        self._warn_teacher_without_signal(epoch, train_means.get("nce_agreement"))
         nce, chance = train_means.get("nce"), train_means.get("nce_chance")
         if nce is None or not chance:
             return
@@ -579,6 +622,7 @@ class MoMA(DistillMethod):
                 epoch + 1, nce, 100 * share, chance)
 
 
+NO_SIGNAL_AGREEMENT = 0.02  # a trained teacher gives 0.1-0.3 after a few epochs on the shipped tiles, a random one 0.00
 SHORTCUT_SHARE = 0.01  # L_NCE below 1 % of ln(K+1): a shortcut
 UNINFORMATIVE_SHARE = 0.95  # above 95 %: no per-sample signal
 

@@ -62,7 +62,7 @@ def method_requirements(cls: type) -> str:
         needs = "same classes as the teacher"
     else:
         needs = "any teacher" if cls.requires_teacher else "no teacher"
-    return needs + (", same architecture" if cls.requires_same_architecture else "")
+    return needs + (", same architecture" if cls.requires_same_architecture(cls.Params()) else "")
 
 
 def method_defaults(cls: type) -> str:

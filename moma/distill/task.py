@@ -84,6 +84,16 @@ class DistillationTask(nn.Module):
         params += [p for p in self.method.parameters() if p.requires_grad]
         return params
 
+    def parameter_groups(self) -> list[dict]:
+        """The trainable parameters as optimiser groups: the parameters the method keeps out of weight
+        decay (a gain that must be free to stay at zero) get weight_decay 0."""
+        exempt = {id(p) for p in self.method.no_weight_decay()}
+        params = self.trainable_parameters()
+        groups = [{"params": [p for p in params if id(p) not in exempt]}]
+        if exempt:
+            groups.append({"params": [p for p in params if id(p) in exempt], "weight_decay": 0.0})
+        return groups
+
     def _teacher_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, self.teacher_class_order] if self.teacher_class_order.numel() else logits
 

@@ -143,6 +143,9 @@ def _check_teacher_init(cfg: Config, teacher: Teacher | None) -> None:
         )
 
 
+TEACHER_INIT = "teacher weights"  # the start of build_student's note when the student starts as the teacher
+
+
 def student_weights_file(cfg: Config) -> str | None:
     """The weights file the student starts from, if it starts from one."""
     init = cfg.distill.student_init
@@ -167,7 +170,7 @@ def build_student(cfg: Config, num_classes: int, teacher: Teacher | None,
     if init == "scratch":
         return model, "random initialisation"
     dropped = load_backbone_weights(model, teacher.state, "teacher checkpoint")
-    return model, "teacher weights" + (" (classifier re-initialised)" if dropped else "")
+    return model, TEACHER_INIT + (" (classifier re-initialised)" if dropped else "")
 
 
 def _probe(tap: FeatureTap, image_size: int, device: torch.device) -> TapOutputs:
@@ -230,7 +233,7 @@ def prepare_distillation(cfg: Config) -> DistillSetup:
         raise ConfigError(f"distill.method {reason}; {fix}")
     if teacher is not None:
         check_resolution(cfg, teacher.meta, f"teacher {cfg.distill.teacher}")
-        if method_cls.requires_same_architecture:
+        if method_cls.requires_same_architecture(params):
             _check_same_architecture(cfg, method_cls, teacher)
     if cfg.distill.student_init == "teacher":
         _check_teacher_init(cfg, teacher)
@@ -285,6 +288,7 @@ def build_task(cfg: Config, classes: list[str], num_train: int, device: torch.de
         num_unlabelled=num_unlabelled,
         teacher_class_order=class_order,
         total_steps=total_steps,
+        student_from_teacher=init_note.startswith(TEACHER_INIT),
     )
     method = method_cls(params, ctx).to(device)
     student.set_stages(method.student_stages)

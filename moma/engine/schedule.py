@@ -18,7 +18,8 @@ from moma.config import Config, OptimConfig
 log = logging.getLogger(__name__)
 
 
-def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter], global_batch: int) -> torch.optim.Optimizer:
+def build_optimizer(cfg: Config, params: Iterable[torch.nn.Parameter] | list[dict], global_batch: int) -> torch.optim.Optimizer:
+    """``params``: parameters, or optimiser groups (a group's own ``weight_decay`` wins)."""
     lr = cfg.optim.effective_lr(global_batch)
     if cfg.optim.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=cfg.optim.weight_decay)

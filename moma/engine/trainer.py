@@ -96,7 +96,7 @@ class Trainer:
             log.info("train.compile: compiling the student with torch.compile (the first steps are slow)")
             self.task.student_tap.compile()
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
-        self.optimizer = build_optimizer(cfg, self.task.trainable_parameters(), self.global_batch)
+        self.optimizer = build_optimizer(cfg, self.task.parameter_groups(), self.global_batch)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
