@@ -18,6 +18,9 @@ One process, one student/teacher pair (same architecture, random weights), the s
    - ``moma-official``: ``preset=official-code``: two teacher passes (logits before the EMA update,
      keys after it), two frozen key attentions, queue of 16384.
    - ``moma-cross``: the default with a teacher of other classes (KL off): one teacher pass.
+   - ``moma-teacher``: keys from the frozen teacher (``keys: teacher``, what a student from random
+     weights or of another architecture gets), teacher of the same classes: one teacher pass (keys
+     and KL logits), learnt key head and its EMA copy, in-batch negatives.
 
 2. **Input pipeline.** The training loader alone (decoded tiles cached in memory, the training
    transforms with RandAugment) for several ``num_workers``: images/s.
@@ -55,7 +58,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEMO = ROOT / "data" / "demo" / "glas_colon"
-VARIANTS = ("none", "kd", "crd", "moma", "moma-official", "moma-cross")
+VARIANTS = ("none", "kd", "crd", "moma", "moma-official", "moma-cross", "moma-teacher")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -105,7 +108,7 @@ def variant_config(args, variant: str, workdir: Path, teachers: dict[str, Path],
         distill = {"method": variant, "teacher": str(teachers["same"])}
     elif variant.startswith("moma"):
         teacher = teachers["other"] if variant == "moma-cross" else teachers["same"]
-        params = {"preset": "official-code"} if variant == "moma-official" else {}
+        params = {"moma-official": {"preset": "official-code"}, "moma-teacher": {"keys": "teacher"}}.get(variant, {})
         distill = {"method": "moma", "teacher": str(teacher), "params": params}
     tree = {
         "run": {"name": variant, "output_dir": str(workdir / "runs"), "seed": 0},
