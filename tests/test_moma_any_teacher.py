@@ -5,6 +5,7 @@ follows more closely than a teacher of random weights. Diagnostics are read from
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import pandas as pd
@@ -122,3 +123,19 @@ def test_the_memory_s_key_head_is_an_ema_of_the_learnt_one(tmp_path, make_config
     method.momentum_update()
     for new, old, source in zip(method.key_head_m.parameters(), copy, online):
         assert torch.allclose(new, 0.9 * old + 0.1 * source, atol=1e-6)
+
+
+def test_a_features_only_teacher_gives_keys_and_no_kl_term_said_once(tmp_path, make_config, lung_subset, caplog):
+    caplog.set_level(logging.INFO, logger="moma")
+    teacher = write_teacher(tmp_path / "features.safetensors", [], arch="test_efficientnet")  # no classifier
+    cfg = lung_config(make_config, lung_subset, tmp_path, "test_resnet", 1, method="moma", teacher=str(teacher),
+                      params={"queue_size": 16})
+    task, info = build_task(cfg, CLASSES, 40, torch.device("cpu"))
+    assert task.method.key_source == "teacher" and not info["loss_weights"].get("kl")
+    assert caplog.text.count("no classifier (features only)") == 1
+    task.train()
+    index = torch.arange(8)
+    out = task(Batch(torch.randn(8, 3, 32, 32), index % 3, index))
+    assert set(out["terms"]) >= {"ce", "nce"} and "kl" not in out["terms"]
+    out["loss"].backward()
+    assert task.method.key_head.mlp[0].weight.grad is not None  # the key head learns from the in-batch keys
