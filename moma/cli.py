@@ -117,7 +117,7 @@ def _resume_config(args) -> "Config":  # noqa: F821
 
 def _print_results(result: RunResult) -> None:
     from moma.engine.layout import CURVES_NAME, METRICS_NAME, TEST_BEST_TAG, report_file
-    from moma.metrics import METRIC_LABELS, METRICS
+    from moma.metrics import metric_label, metric_names
 
     run_dir = Path(result.run_dir)
     lines = [f"run folder: {run_dir}", f"best epoch (by val {result.select_metric}): {result.best_epoch}"]
@@ -126,7 +126,7 @@ def _print_results(result: RunResult) -> None:
         if scores and scores.test:
             test = result.test_metrics(tag)
             lines.append("test ({} model): {}".format(
-                tag, "  ".join(f"{METRIC_LABELS[m]} {test[m]:.4f}" for m in METRICS)))
+                tag, "  ".join(f"{metric_label(m)} {test[m]:.4f}" for m in metric_names())))
     if result.skipped_tiles:
         lines.append(f"skipped {result.skipped_tiles} unreadable tile(s) (see train.log)")
     lines += [f"metrics: {run_dir / METRICS_NAME}", f"confusion matrix: {run_dir / report_file('confusion_png', TEST_BEST_TAG)}",

@@ -18,7 +18,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from moma.errors import ConfigError
-from moma.metrics import METRICS
+from moma.metrics import PRIMARY_METRIC, metric_names
 from moma.utils.validation import validation_message
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -171,11 +171,21 @@ class TrainConfig(Section):
     amp: Literal["auto", "off", "bf16", "fp16"] = Field("auto", description="auto = bf16 on CUDA, off on CPU")
     channels_last: bool | Literal["auto"] = "auto"
     compile: bool = False
-    select_metric: Literal[METRICS] = Field("macro_f1", description="validation metric that picks the best epoch")
+    select_metric: str = Field(PRIMARY_METRIC, description="validation metric that picks the best epoch "
+                               "(a name of moma.metrics.metric_names())")
     progress: bool = True
     profile: bool = False
     tensorboard: bool = True
     max_steps_per_epoch: int | None = Field(None, ge=1, description="cap for smoke runs")
+
+    @field_validator("select_metric")
+    @classmethod
+    def _registered_metric(cls, value: str) -> str:
+        # Checked when a config is read, not at import: a plugin may register its metric after this
+        # module is imported.
+        if value not in metric_names():
+            raise ValueError(f"unknown metric '{value}'; choose one of: {', '.join(metric_names())}")
+        return value
 
 
 class DistillConfig(Section):

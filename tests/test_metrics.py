@@ -46,15 +46,33 @@ def test_class_absent_from_targets_does_not_crash():
 
 
 def test_one_list_of_metric_names_for_runs_selection_and_the_grid():
-    import typing
+    from moma.config import build_config
+    from moma.engine.result import ModelScores, RunResult
+    from moma.metrics import metric_names, summary
 
-    from moma.compare.results import _test_metrics
-    from moma.config import TrainConfig
-    from moma.metrics import METRICS, compute_metrics, summary
-
-    assert set(typing.get_args(TrainConfig.model_fields["select_metric"].annotation)) == set(METRICS)
     metrics = compute_metrics([0, 1, 1, 0], [[0.9, 0.1], [0.2, 0.8], [0.6, 0.4], [0.7, 0.3]], ["a", "b"])
-    assert set(summary(metrics)) == set(METRICS)
+    assert set(summary(metrics)) == set(metric_names())
     assert metrics["balanced_accuracy"] == 0.75  # recall 1.0 on a, 0.5 on b
-    row = _test_metrics({"best": {"test": metrics}}, "best")
-    assert set(row) == {f"best_{m}" for m in METRICS} and row["best_qwk"] == metrics["qwk"]
+    for name in metric_names():
+        assert build_config({"train": {"select_metric": name}}).train.select_metric == name
+    result = RunResult(run_dir="r", classes=["a", "b"], select_metric="qwk", best_epoch=1, epochs=1,
+                       best=ModelScores(test=metrics))
+    assert result.test_metrics()["qwk"] == metrics["qwk"] and set(result.test_metrics()) == set(metric_names())
+
+
+def test_an_unknown_select_metric_is_refused_with_the_registered_names():
+    from moma.config import build_config
+    from moma.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"unknown metric 'f1'; choose one of: accuracy, balanced_accuracy, macro_f1"):
+        build_config({"train": {"select_metric": "f1"}})
+
+
+def test_a_metric_name_is_registered_once(monkeypatch):
+    from moma import metrics
+
+    monkeypatch.setattr(metrics, "_METRICS", dict(metrics._METRICS))
+    with pytest.raises(ValueError, match="registered twice"):
+        metrics.register_metric("accuracy", "accuracy", lambda t, p, c: 0.0)
+    with pytest.raises(ValueError, match="must be an identifier"):
+        metrics.register_metric("top-2", "top 2", lambda t, p, c: 0.0)

@@ -9,10 +9,6 @@ import html
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
@@ -31,13 +27,13 @@ from moma.compare.stats import (  # noqa: E402
     verdict,
 )
 from moma.engine.layout import TEST_BEST_TAG, report_file  # noqa: E402
-from moma.engine.plots import plot_confusion  # noqa: E402
-from moma.metrics import METRIC_LABELS, METRICS  # noqa: E402
-from moma.utils.io import atomic_path, atomic_write_text  # noqa: E402
+from moma.engine.plots import plot_confusion, plt, save_figure  # noqa: E402
+from moma.metrics import PAIRED_METRICS, PRIMARY_METRIC, TABLE_METRICS, metric_label, metric_names  # noqa: E402
+from moma.utils.io import atomic_write_text  # noqa: E402
 
-TABLE_METRICS = ("accuracy", "macro_f1", "kappa")
-RANK_BY = "macro_f1_mean"
-PAIRED_COLUMNS = ["best_macro_f1", "best_accuracy"]
+GRID_SUMMARY_NAME, GRID_SUMMARY_MD_NAME = "summary.csv", "summary.md"  # per setting x method; a run's per-epoch table is history.csv
+RANK_BY = f"{PRIMARY_METRIC}_mean"
+PAIRED_COLUMNS = [f"best_{m}" for m in PAIRED_METRICS]
 SIZE_COLUMNS = ["train_tiles", "train_tiles_per_class", "optimizer_steps"]
 
 
@@ -102,7 +98,7 @@ def metrics_table(results: pd.DataFrame, ranked: pd.DataFrame, setting: str) -> 
         cells = [(_mean_std(row[f"{m}_mean"], row[f"{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
         rank = "—" if not np.isfinite(row["rank"]) else f"{row['rank']:g}"
         rows.append([(row["method"], False), (runs, False)] + cells + [(rank, rank_flags[i])])
-    headers = ["method", "runs"] + [METRIC_LABELS[m] for m in TABLE_METRICS] + ["rank (macro F1)"]
+    headers = ["method", "runs"] + [metric_label(m) for m in TABLE_METRICS] + [f"rank ({metric_label(PRIMARY_METRIC)})"]
     return Table(headers, rows, notes=notes)
 
 
@@ -119,14 +115,12 @@ def paired_table(paired: pd.DataFrame, setting: str) -> Table:
     part = paired[paired["setting"] == setting]
     rows = []
     for r in part.to_dict("records"):
-        rows.append([
-            (r["method"], False), (str(r["pairs"]), False),
-            (_ci(r["delta_best_macro_f1"], r["delta_best_macro_f1_ci_low"], r["delta_best_macro_f1_ci_high"]), False),
-            (_p(r["delta_best_macro_f1_p"]), False),
-            (_ci(r["delta_best_accuracy"], r["delta_best_accuracy_ci_low"], r["delta_best_accuracy_ci_high"]), False),
-            (_p(r["delta_best_accuracy_p"]), False),
-        ])
-    return Table(["method", "pairs", "Δ macro F1 [95% CI]", "Wilcoxon p", "Δ accuracy [95% CI]", "Wilcoxon p"], rows)
+        deltas = [f"delta_{column}" for column in PAIRED_COLUMNS]
+        rows.append([(r["method"], False), (str(r["pairs"]), False)]
+                    + [cell for d in deltas for cell in ((_ci(r[d], r[f"{d}_ci_low"], r[f"{d}_ci_high"]), False),
+                                                         (_p(r[f"{d}_p"]), False))])
+    headers = [h for m in PAIRED_METRICS for h in (f"Δ {metric_label(m)} [95% CI]", "Wilcoxon p")]
+    return Table(["method", "pairs"] + headers, rows)
 
 
 def plain_words(paired: pd.DataFrame, setting: str, baseline: str) -> str:
@@ -168,7 +162,7 @@ def external_table(summary: pd.DataFrame, setting: str) -> Table:
     flags = {m: _best_flags(part[f"ext_{m}_mean"]) for m in TABLE_METRICS}
     rows = [[(r["method"], False)] + [(_mean_std(r[f"ext_{m}_mean"], r[f"ext_{m}_std"]), flags[m][i]) for m in TABLE_METRICS]
             for i, r in part.iterrows()]
-    return Table(["method"] + [METRIC_LABELS[m] for m in TABLE_METRICS], rows)
+    return Table(["method"] + [metric_label(m) for m in TABLE_METRICS], rows)
 
 
 def failure_table(results: pd.DataFrame) -> Table:
@@ -206,25 +200,19 @@ def to_html(table: Table) -> str:
 
 
 # ---------------------------------------------------------------------- plots
-def _save(fig, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
 def _colours(methods: list[str]) -> dict[str, tuple]:
     cmap = plt.get_cmap("tab10")
     return {m: cmap(i % 10) for i, m in enumerate(methods)}
 
 
 def plot_bars(summary: pd.DataFrame, settings: list[str], methods: list[str], path: Path) -> None:
-    """Mean ± std of macro F1 and accuracy, one panel per setting."""
+    """Mean ± std of the paired metrics (macro F1 and accuracy), one panel per setting."""
     colours = _colours(methods)
-    fig, axes = plt.subplots(2, len(settings), figsize=(1.2 + 3.4 * len(settings), 6.4), squeeze=False, sharey="row")
+    fig, axes = plt.subplots(len(PAIRED_METRICS), len(settings), figsize=(1.2 + 3.4 * len(settings), 6.4), squeeze=False, sharey="row")
     for col, setting in enumerate(settings):
         part = summary[summary["setting"] == setting].set_index("method").reindex(methods)
         x = np.arange(len(methods))
-        for row, metric in enumerate(("macro_f1", "accuracy")):
+        for row, metric in enumerate(PAIRED_METRICS):
             ax = axes[row][col]
             means = part[f"{metric}_mean"].to_numpy(dtype=float)
             ax.bar(x, np.nan_to_num(means), yerr=part[f"{metric}_std"].fillna(0.0).to_numpy(), capsize=4,
@@ -237,9 +225,9 @@ def plot_bars(summary: pd.DataFrame, settings: list[str], methods: list[str], pa
             if row == 0:
                 ax.set_title(setting)
             if col == 0:
-                ax.set_ylabel(f"test {METRIC_LABELS[metric]} (mean ± std)")
+                ax.set_ylabel(f"test {metric_label(metric)} (mean ± std)")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[str], path: Path) -> None:
@@ -260,7 +248,7 @@ def plot_time_scatter(results: pd.DataFrame, methods: list[str], settings: list[
     if ax.has_data():
         ax.legend(fontsize=7, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
 
 
 def summed_confusion(out: Path, results: pd.DataFrame, setting: str, method: str) -> tuple[np.ndarray, list[str]] | None:
@@ -330,7 +318,7 @@ def plot_learning_curve(results: pd.DataFrame, setting: str, methods: list[str],
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path, dpi=110)
     return True
 
 
@@ -368,8 +356,9 @@ class Figure:
 
 def build_summary(cfg: CompareConfig, results: pd.DataFrame) -> tuple[pd.DataFrame, pd.DataFrame]:
     """The summary frame (one row per setting x method) and the paired comparison frame."""
-    columns = [f"best_{m}" for m in METRICS] + [f"last_{m}" for m in METRICS]
-    columns += [f"ext_{m}" for m in METRICS if f"ext_{m}" in results] + COST_COLUMNS
+    names = metric_names()
+    columns = [f"best_{m}" for m in names] + [f"last_{m}" for m in names]
+    columns += [f"ext_{m}" for m in names if f"ext_{m}" in results] + COST_COLUMNS
     columns += [c for c in SIZE_COLUMNS if c in results]
     summary = summarize(results, columns)
     summary.columns = [c.removeprefix("best_") for c in summary.columns]

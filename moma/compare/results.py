@@ -14,7 +14,7 @@ from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
 from moma.errors import DataError
 from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
 from moma.engine.result import RunResult
-from moma.metrics import METRICS
+from moma.metrics import metric_names
 
 RESULTS_NAME = "results.csv"
 COST_COLUMNS = ["train_seconds", "images_per_second", "data_wait_ms", "forward_backward_ms", "distill_extras_ms",
@@ -37,7 +37,7 @@ def _prefixed(values: dict[str, float], prefix: str) -> dict[str, float]:
 def _external_metrics(run_dir: Path) -> dict[str, float]:
     path = run_dir / EXTERNAL_DIR / report_file("metrics", EVAL_TAG)
     values = json.loads(path.read_text()) if path.is_file() else {}
-    return {f"ext_{m}": float(values.get(m, NAN)) for m in METRICS}
+    return {f"ext_{m}": float(values.get(m, NAN)) for m in metric_names()}
 
 
 def cell_row(cfg: CompareConfig, out: Path, cell: Cell, status: str, message: str) -> dict:

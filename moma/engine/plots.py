@@ -1,4 +1,6 @@
-"""PNG plots of a run: confusion matrix and training curves (matplotlib, no display needed)."""
+"""PNG plots of a run (confusion matrix and training curves), and the one helper that saves a
+figure: every module that draws imports ``plt`` and :func:`save_figure` from here, so the
+backend (Agg, no display needed) is chosen once."""
 
 from __future__ import annotations
 
@@ -10,13 +12,18 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
 
+from moma.metrics import PRIMARY_METRIC, TABLE_METRICS, metric_label  # noqa: E402
 from moma.utils.io import atomic_path  # noqa: E402
 
+__all__ = ["plot_confusion", "plot_curves", "plt", "save_figure"]
 
-def _save(fig, path: Path) -> None:
+
+def save_figure(fig: Figure, path: Path, dpi: int = 130) -> None:
+    """Write ``fig`` to ``path`` as a PNG cropped to its content, whole or not at all, and close it."""
     with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=130, bbox_inches="tight", format="png")
+        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
     plt.close(fig)
 
 
@@ -36,11 +43,11 @@ def plot_confusion(matrix, class_names: list[str], path: Path, title: str = "Con
     ax.set_xlabel("predicted")
     ax.set_ylabel("true")
     ax.set_title(title)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
-def plot_curves(history: pd.DataFrame, path: Path, metric: str = "macro_f1") -> None:
-    """Loss and validation metrics per epoch from a run's summary.csv."""
+def plot_curves(history: pd.DataFrame, path: Path, metric: str = PRIMARY_METRIC) -> None:
+    """Loss and validation metrics (the tables' metrics and ``metric``) per epoch from a run's history."""
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.8))
     left.plot(history["epoch"], history["train_loss"], marker="o", label="train loss")
     if "val_loss" in history:
@@ -48,12 +55,12 @@ def plot_curves(history: pd.DataFrame, path: Path, metric: str = "macro_f1") -> 
     left.set_xlabel("epoch")
     left.set_title("loss")
     left.legend()
-    for key in ("val_accuracy", f"val_{metric}", "val_kappa"):
-        if key in history and not (key == f"val_{metric}" and metric == "accuracy"):
-            right.plot(history["epoch"], history[key], marker="o", label=key.removeprefix("val_"))
-    right.set_ylim(min(0.0, float(np.nanmin(history.filter(like="val_kappa").to_numpy(), initial=0))), 1.0)
+    shown = [f"val_{name}" for name in dict.fromkeys((*TABLE_METRICS, metric)) if f"val_{name}" in history]
+    for key in shown:
+        right.plot(history["epoch"], history[key], marker="o", label=metric_label(key.removeprefix("val_")))
+    right.set_ylim(min(0.0, float(np.nanmin(history[shown].to_numpy(dtype=float), initial=0))), 1.0)
     right.set_xlabel("epoch")
     right.set_title("validation")
     right.legend()
     fig.tight_layout()
-    _save(fig, path)
+    save_figure(fig, path)

@@ -15,7 +15,7 @@ from typing import Any
 
 from moma.engine.layout import METRICS_NAME
 from moma.errors import DataError
-from moma.metrics import METRICS
+from moma.metrics import PRIMARY_METRIC, metric_names
 from moma.utils.io import atomic_write_json
 
 NAN = math.nan
@@ -84,7 +84,7 @@ class RunResult:
                 kept[model] = ModelScores(**{k: v for k, v in kept[model].items() if k in ("val", "test")})
         kept.setdefault("run_dir", "")
         kept.setdefault("classes", [])
-        kept.setdefault("select_metric", "macro_f1")
+        kept.setdefault("select_metric", PRIMARY_METRIC)
         kept.setdefault("best_epoch", 0)
         kept.setdefault("epochs", 0)
         return cls(**kept)
@@ -102,4 +102,4 @@ class RunResult:
 
 def _headline(values: dict[str, Any] | None) -> dict[str, float]:
     values = values or {}
-    return {m: float(values.get(m, NAN)) for m in METRICS}
+    return {m: float(values.get(m, NAN)) for m in metric_names()}

@@ -15,15 +15,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import matplotlib
+import numpy as np
+import pandas as pd
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from moma.utils.io import atomic_path  # noqa: E402
+from moma.engine.plots import plt, save_figure
+from moma.utils.io import atomic_path
 
 # Class colours (RGB), the same in the heatmaps and in QuPath: matplotlib's tab10, then tab20.
 _PALETTE = [tuple(int(round(255 * c)) for c in colour) for colour in
@@ -89,12 +86,6 @@ def _figure(thumbnail: np.ndarray, title: str):
     return fig, ax
 
 
-def _save(fig, path: Path, dpi: int) -> None:
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=dpi, bbox_inches="tight", format="png")
-    plt.close(fig)
-
-
 def plot_class_map(thumbnail: np.ndarray, ds: float, frame: pd.DataFrame, names: list[str], path: Path, title: str,
                    dpi: int = 130) -> None:
     """The predicted class of every tissue tile, in the class colours, over the slide thumbnail."""
@@ -107,7 +98,7 @@ def plot_class_map(thumbnail: np.ndarray, ds: float, frame: pd.DataFrame, names:
     counts = frame["prediction"].value_counts()
     handles = [Patch(color=np.array(colours[n]) / 255, label=f"{n} ({int(counts.get(n, 0))} tiles)") for n in names]
     ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False, title="predicted class")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
 
 
 def plot_probability_map(thumbnail: np.ndarray, ds: float, frame: pd.DataFrame, class_name: str, path: Path,
@@ -117,4 +108,4 @@ def plot_probability_map(thumbnail: np.ndarray, ds: float, frame: pd.DataFrame, 
     fig, ax = _figure(thumbnail, title)
     image = ax.imshow(np.ma.masked_invalid(values), cmap="inferno", vmin=0, vmax=1, alpha=0.6, interpolation="none")
     fig.colorbar(image, ax=ax, fraction=0.035, pad=0.02, label=f"P({class_name})")
-    _save(fig, path, dpi)
+    save_figure(fig, path, dpi)
