@@ -8,10 +8,15 @@ import pytest
 
 from conftest import make_tile_folder, tiny_config
 from moma.data.splits import UNUSED, kfold_split, load_split, save_split
-from moma.data.subsample import subsample_train, train_class_counts
+from moma.data.subsample import subsample_train
 from moma.data.tiles import scan_tiles
 from moma.engine.builder import make_split
 from moma.errors import DataError
+
+
+def train_class_counts(split: pd.DataFrame) -> dict[str, int]:
+    """Training tiles per class of a split."""
+    return {str(k): int(v) for k, v in split.loc[split["split"] == "train", "label"].value_counts().sort_index().items()}
 
 
 def frame(rows: list[tuple[str, str, str]]) -> pd.DataFrame:

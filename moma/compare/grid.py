@@ -439,10 +439,6 @@ class Grid:
                             "min_teacher_margin %.2f; settings %s are marked 'weak teacher'", name, f1, info.chance,
                             margin, ", ".join(settings))
 
-    def weak_teacher(self, setting: str) -> bool:
-        name = self.cfg.settings[setting].teacher
-        return name is not None and name in self.teachers and self.teachers[name].weak
-
     # ------------------------------------------------------------------ applicability
     def target_classes(self, cell: Cell) -> list[str]:
         from moma.data.tiles import scan_tiles

@@ -72,8 +72,3 @@ def subsample_train(split: pd.DataFrame, seed: int, per_class: int | None = None
     keep = _by_group(train, targets, rng) if has_groups else _by_tile(train, targets, rng)
     out.loc[train.index.difference(keep), "split"] = UNUSED
     return out
-
-
-def train_class_counts(split: pd.DataFrame) -> dict[str, int]:
-    """Training tiles per class of a split."""
-    return {str(k): int(v) for k, v in split.loc[split["split"] == "train", "label"].value_counts().sort_index().items()}
