@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
-from moma.engine import distributed as dist_utils
+from moma.engine import distributed
 from moma.utils import collectives
 from moma.engine.state import load_training_state
 from moma.errors import ConfigError
@@ -48,9 +48,9 @@ def test_shuffled_slices_cover_the_global_batch_and_unshuffle_restores_it():
 
 
 def test_sample_seeds_differ_by_sample_and_epoch_and_order_is_per_epoch():
-    seeds = {dist_utils.sample_seed(0, e, i) for e in range(3) for i in range(100)}
+    seeds = {distributed.sample_seed(0, e, i) for e in range(3) for i in range(100)}
     assert len(seeds) == 300
-    sampler = dist_utils.EpochSampler(10, seed=3, info=dist_utils.DistInfo())
+    sampler = distributed.EpochSampler(10, seed=3, info=distributed.DistInfo())
     sampler.set_epoch(0)
     first = list(sampler)
     sampler.set_epoch(1)
@@ -58,7 +58,7 @@ def test_sample_seeds_differ_by_sample_and_epoch_and_order_is_per_epoch():
     sampler.set_epoch(0)
     assert list(sampler) == first and [i for i, _ in first] != [i for i, _ in second]
     assert sorted(i for i, _ in first) == list(range(10))
-    assert first[0][1] == dist_utils.sample_seed(3, 0, first[0][0])
+    assert first[0][1] == distributed.sample_seed(3, 0, first[0][0])
 
 
 def test_augmentation_depends_on_the_sample_seed_not_on_the_caller(tile_folder, make_config):
@@ -79,7 +79,7 @@ def test_augmentation_depends_on_the_sample_seed_not_on_the_caller(tile_folder, 
 
 
 def test_two_process_sampler_splits_an_epoch_like_distributed_sampler():
-    ranks = [dist_utils.EpochSampler(7, seed=0, info=dist_utils.DistInfo(rank=r, world_size=2)) for r in (0, 1)]
+    ranks = [distributed.EpochSampler(7, seed=0, info=distributed.DistInfo(rank=r, world_size=2)) for r in (0, 1)]
     for sampler in ranks:
         sampler.set_epoch(2)
     rows = [[i for i, _ in sampler] for sampler in ranks]
@@ -88,11 +88,11 @@ def test_two_process_sampler_splits_an_epoch_like_distributed_sampler():
 
 
 def test_timeout_comes_from_the_environment(monkeypatch):
-    monkeypatch.setenv(dist_utils.TIMEOUT_ENV, "2.5")
-    assert dist_utils.collective_timeout().total_seconds() == 150
-    monkeypatch.setenv(dist_utils.TIMEOUT_ENV, "soon")
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "2.5")
+    assert distributed.collective_timeout().total_seconds() == 150
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
     with pytest.raises(ConfigError, match="positive number of minutes"):
-        dist_utils.collective_timeout()
+        distributed.collective_timeout()
 
 
 # ----------------------------------------------------------------------------- collectives in 2 processes
@@ -101,7 +101,7 @@ def test_timeout_comes_from_the_environment(monkeypatch):
 def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
-    info = dist_utils.DistInfo(rank=rank, world_size=world)
+    info = distributed.DistInfo(rank=rank, world_size=world)
     record = {}
     # rows of different lengths per rank
     record["gathered"] = collectives.all_gather_rows(torch.full((rank + 1, 2), float(rank)))
@@ -112,7 +112,7 @@ def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
     method.b.grad = torch.tensor([4.0, 8.0]) if rank == 1 else None
     task = torch.nn.Module()
     task.method = method
-    dist_utils.sync_method_grads(task, info)
+    distributed.sync_method_grads(task, info)
     record["grads"] = [None if p.grad is None else p.grad.clone() for p in (method.a, method.b, method.c)]
     # CRD: each rank updates its banks with this step's rows of both ranks
     from moma.distill.base import Batch, MethodContext
@@ -124,7 +124,7 @@ def _collectives_worker(rank: int, world: int, store: str, out: str) -> None:
     ctx = MethodContext(student=None, teacher=None, student_probe=probe, teacher_probe=probe, num_classes=3,
                         teacher_num_classes=3, num_train_samples=20, same_label_space=True)
     crd = CRD(CRD.parse_params({"nce_k": 4, "feat_dim": 5, "negatives": "other_sample"}), ctx).train()
-    dist_utils.broadcast_module_state(crd, info)
+    distributed.broadcast_module_state(crd, info)
     record["bank_before"] = crd.memory_s.clone()
     torch.manual_seed(10 + rank)  # each rank its own batch and negatives
     index = torch.tensor([0, 1, 2]) + 10 * rank
@@ -180,7 +180,7 @@ def _worker(mode: str, out: Path, argv: list[str]) -> int:
             raise RuntimeError("injected failure on rank 1")
         out_step = original_step(self, batch, epoch, step)
         if epoch == 0 and step == 0:
-            with dist_utils.unwrapped_student(self.task) as task:
+            with distributed.unwrapped_student(self.task) as task:
                 params = {k: v.detach().clone() for k, v in task.named_parameters()}
             queue = self.task.method.queue
             torch.save({**seen, "params": params, "queue": queue.keys.clone(), "ptr": int(queue.ptr)},
@@ -267,7 +267,7 @@ def test_an_error_on_one_rank_stops_every_rank_with_a_nonzero_exit(setup):
     procs = []
     for rank in (0, 1):
         env = _worker_env(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE="2", LOCAL_WORLD_SIZE="2",
-                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **{dist_utils.TIMEOUT_ENV: "1"})
+                          MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **{distributed.TIMEOUT_ENV: "1"})
         command = [sys.executable, str(HERE), "fail", str(records), "--", *_distill_args(tiles, teacher, runs)]
         procs.append(subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     start = time.monotonic()

@@ -20,7 +20,7 @@ import yaml
 from moma.compare.config import CompareConfig, load_compare_config
 from moma.compare.grid import COMPARE_CONFIG_NAME, Grid, GridRun, choose_out_dir, grid_logging, parse_shard, shard_cells
 from moma.compare.locks import exclusive, lock_path
-from moma.compare.report import ReportContext, write_report
+from moma.compare.report import ReportContext, write_grid_report
 from moma.compare.results import RESULTS_NAME, build_results, failures
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
 from moma.errors import ConfigError
@@ -76,7 +76,7 @@ def write_outputs(cfg: CompareConfig, out: Path, run: GridRun, command: str, gri
                             machine_info(build_config(cfg.base).run.device), run.seconds, run.trained,
                             yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False),
                             teachers=grid.teachers if grid is not None else {})
-        write_report(ctx, results)
+        write_grid_report(ctx, results)
 
 
 def report_only(config_path: str | Path, overrides: list[str] | None = None, out_dir: str | Path | None = None) -> Path:

@@ -639,11 +639,11 @@ def make_plots(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame) 
     return images
 
 
-def write_report(ctx: ReportContext, results: pd.DataFrame) -> pd.DataFrame:
+def write_grid_report(ctx: ReportContext, results: pd.DataFrame) -> pd.DataFrame:
     """Write summary.csv, summary.md, plots/ and report.html; returns the summary frame."""
     ranked, paired = build_summary(ctx.cfg, results)
-    atomic_write_text(ctx.out / "summary.csv", ranked.to_csv(index=False, float_format="%.6g"))
+    atomic_write_text(ctx.out / GRID_SUMMARY_NAME, ranked.to_csv(index=False, float_format="%.6g"))
     images = make_plots(ctx, results, ranked)
-    atomic_write_text(ctx.out / "summary.md", render_markdown(ctx, results, ranked, paired, images))
+    atomic_write_text(ctx.out / GRID_SUMMARY_MD_NAME, render_markdown(ctx, results, ranked, paired, images))
     atomic_write_text(ctx.out / "report.html", render_html(ctx, results, ranked, paired, images))
     return ranked

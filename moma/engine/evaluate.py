@@ -66,7 +66,7 @@ def predictions_frame(dataset: TileDataset, probs: np.ndarray, class_names: list
     return frame
 
 
-def write_report(out_dir: Path, tag: str, metrics: dict, dataset: TileDataset, probs: np.ndarray, title: str) -> None:
+def write_split_report(out_dir: Path, tag: str, metrics: dict, dataset: TileDataset, probs: np.ndarray, title: str) -> None:
     """metrics_<tag>.json, confusion_<tag>.png/.csv and predictions_<tag>.csv."""
     names = metrics["class_names"]
     atomic_write_json(out_dir / report_file("metrics", tag), metrics)

@@ -16,7 +16,7 @@ from moma.data.tiles import TileTable, is_image_file, scan_tiles
 from moma.data.transforms import build_eval_transform
 from moma.distill.registry import get_method
 from moma.engine.checkpoint import ModelMetadata, load_model_checkpoint
-from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_report, eval_loader
+from moma.engine.evaluate import evaluate, predict_probs, predictions_frame, write_split_report, eval_loader
 from moma.engine.layout import EVAL_TAG
 from moma.errors import CheckpointError, DataError
 from moma.models.backbone import create_backbone, load_backbone_weights
@@ -82,7 +82,7 @@ def evaluate_checkpoint(checkpoint: str | Path, data: str | Path, out_dir: Path,
                           progress=progress, description="tiles")
     metrics, probs = evaluate(model, dataset, device, batch_size=batch_size, progress=progress)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_report(out_dir, EVAL_TAG, metrics, dataset, probs, title=f"{Path(data).name}: {meta.arch}")
+    write_split_report(out_dir, EVAL_TAG, metrics, dataset, probs, title=f"{Path(data).name}: {meta.arch}")
     return metrics
 
 

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 
 from moma.config import Config
-from moma.engine import distributed as dist_utils
+from moma.engine import distributed
 from moma.data.splits import save_split
 from moma.engine.checkpoint import versions
 from moma.engine.device import resolve_device
@@ -67,11 +67,11 @@ def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | No
 
     ``resume_dir`` continues an interrupted run there; ``run_dir`` names a new, empty folder to use
     instead of one derived from run.output_dir/run.name (the comparison grid names its cells)."""
-    dist = dist_utils.DistInfo.from_env()
+    dist = distributed.DistInfo.from_env()
     if not dist.enabled:
         return _run_training(cfg, dist, resume_dir, run_dir)
     device = resolve_device(cfg.run.device, dist.local_rank)
-    dist_utils.init_process_group(dist, use_cuda=device.type == "cuda")
+    distributed.init_process_group(dist, use_cuda=device.type == "cuda")
     package_log = logging.getLogger("moma")
     level = package_log.level
     if not dist.is_main:
@@ -85,16 +85,16 @@ def run_training(cfg: Config, resume_dir: Path | None = None, run_dir: Path | No
         raise
     finally:
         package_log.setLevel(level)
-        dist_utils.destroy_process_group(dist)
+        distributed.destroy_process_group(dist)
 
 
-def _run_training(cfg: Config, dist: dist_utils.DistInfo, resume_dir: Path | None, run_dir: Path | None) -> RunResult:
+def _run_training(cfg: Config, dist: distributed.DistInfo, resume_dir: Path | None, run_dir: Path | None) -> RunResult:
     if resume_dir is not None:
         run_dir = Path(resume_dir)
     elif run_dir is not None:
-        run_dir = dist_utils.broadcast_run_dir(lambda: _claim_empty_dir(Path(run_dir)), dist)
+        run_dir = distributed.broadcast_run_dir(lambda: _claim_empty_dir(Path(run_dir)), dist)
     else:
-        run_dir = dist_utils.broadcast_run_dir(lambda: create_run_dir(cfg.run.output_dir, cfg.run.name), dist)
+        run_dir = distributed.broadcast_run_dir(lambda: create_run_dir(cfg.run.output_dir, cfg.run.name), dist)
     handler = attach_log_file(run_dir) if dist.is_main else None
     try:
         trainer = Trainer(cfg, run_dir, resume=resume_dir is not None)

@@ -33,11 +33,11 @@ from tqdm import tqdm
 
 from moma.config import Config
 from moma.distill.base import UNLABELLED, Batch
-from moma.engine import distributed as dist_utils
+from moma.engine import distributed
 from moma.engine.builder import DataBundle, build_data, build_task, prepare_distillation
 from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
-from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_report
+from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_split_report
 from moma.engine.layout import (
     BEST_NAME,
     CURVES_NAME,
@@ -72,7 +72,7 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = run_dir
         self.resume = resume
-        self.dist = dist_utils.DistInfo.from_env()
+        self.dist = distributed.DistInfo.from_env()
         self.device = resolve_device(cfg.run.device, self.dist.local_rank if self.dist.enabled else None)
         self.amp_dtype = autocast_dtype(cfg.train.amp, self.device)
         self.channels_last = self.device.type == "cuda" if cfg.train.channels_last == "auto" else bool(cfg.train.channels_last)
@@ -102,11 +102,11 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
-        self.train_model = dist_utils.wrap_task(self.task, self.dist, self.device)
+        self.train_model = distributed.wrap_task(self.task, self.dist, self.device)
         self.writer = None
-        self._sampler: dist_utils.EpochSampler | None = None
+        self._sampler: distributed.EpochSampler | None = None
         self._loader: DataLoader | None = None
-        self._pool_sampler: dist_utils.PoolSampler | None = None
+        self._pool_sampler: distributed.PoolSampler | None = None
         self._pool_loader: DataLoader | None = None
         self.pool_skipped: list[str] = []  # unreadable pool tiles met (data.skip_bad)
 
@@ -174,7 +174,7 @@ class Trainer:
         resume."""
         if self._loader is None:
             workers = self._num_workers()
-            self._sampler = dist_utils.EpochSampler(len(self.data.train), self.cfg.run.seed, self.dist)
+            self._sampler = distributed.EpochSampler(len(self.data.train), self.cfg.run.seed, self.dist)
             self._loader = DataLoader(
                 self.data.train, batch_size=self.cfg.optim.batch_size, sampler=self._sampler, num_workers=workers,
                 pin_memory=self.device.type == "cuda", drop_last=self._drop_last(), persistent_workers=workers > 0,
@@ -191,7 +191,7 @@ class Trainer:
         per_step = self.cfg.distill.unlabelled_ratio * self.cfg.optim.batch_size
         if self._pool_loader is None:
             workers = self._num_workers()
-            self._pool_sampler = dist_utils.PoolSampler(len(self.data.unlabelled), self.cfg.run.seed, self.dist)
+            self._pool_sampler = distributed.PoolSampler(len(self.data.unlabelled), self.cfg.run.seed, self.dist)
             self._pool_loader = DataLoader(
                 self.data.unlabelled, batch_size=per_step, sampler=self._pool_sampler, num_workers=workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
@@ -261,7 +261,7 @@ class Trainer:
         return self.task.inference_model().deploy_state_dict()
 
     def save_state(self) -> None:
-        with dist_utils.unwrapped_student(self.task) as task:
+        with distributed.unwrapped_student(self.task) as task:
             task_state = task.state_dict()
         state = {
             "epoch": self.state.epoch,
@@ -281,7 +281,7 @@ class Trainer:
 
     def load_state(self) -> None:
         state, self._saved_state = self._saved_state, None
-        with dist_utils.unwrapped_student(self.task) as task:
+        with distributed.unwrapped_student(self.task) as task:
             load_matching(task, state["task"], self.run_dir / STATE_NAME)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -338,7 +338,7 @@ class Trainer:
             tick = self._clock()
         bar.close()
         self._accumulate_times(times)
-        means = dist_utils.mean_across_ranks({k: v / max(seen, 1) for k, v in sums.items()}, self.device, self.dist)
+        means = distributed.mean_across_ranks({k: v / max(seen, 1) for k, v in sums.items()}, self.device, self.dist)
         means.update({f"time_{k}": v for k, v in times.as_dict().items()})
         if self.cfg.train.profile:
             log.info("profile, epoch %d: %s", epoch + 1, describe_times(times, self._loader.num_workers))
@@ -372,7 +372,7 @@ class Trainer:
             )
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(loss).backward()
-        dist_utils.sync_method_grads(self.task, self.dist)
+        distributed.sync_method_grads(self.task, self.dist)
         if self.cfg.optim.grad_clip:
             self.scaler.unscale_(self.optimizer)
             torch.nn.utils.clip_grad_norm_(self.task.trainable_parameters(), self.cfg.optim.grad_clip)
@@ -449,7 +449,7 @@ class Trainer:
                             **{f"val_{self.cfg.train.select_metric}": f"{score:.3f}"}, best=self.state.best_epoch)
             log.info("epoch %d/%d  train loss %.4f  val %s %.4f  acc %.4f  (%.1fs)", epoch + 1, epochs,
                      row["train_loss"], self.cfg.train.select_metric, score, val["accuracy"], row["seconds"])
-            dist_utils.barrier(self.dist)
+            distributed.barrier(self.dist)
         bar.close()
         self.close()
         if self.writer is not None:
@@ -472,7 +472,7 @@ class Trainer:
             scores = ModelScores(val=summary(self._evaluate_split(model, "val")[0]))
             if self.data.test is not None:
                 metrics, probs = self._evaluate_split(model, "test")
-                write_report(self.run_dir, f"test_{tag}", metrics, self.data.test, probs,
+                write_split_report(self.run_dir, f"test_{tag}", metrics, self.data.test, probs,
                              title=f"test, {tag} model (epoch {self.state.best_epoch if tag == 'best' else self.state.epoch})")
                 scores.test = metrics
             setattr(result, tag, scores)

@@ -34,7 +34,7 @@ PREFIXES = ("module.", "_orig_mod.")  # DataParallel/DDP, torch.compile
 # ---------------------------------------------------------------- reading files
 
 
-def detect_format(path: Path) -> str:
+def weights_file_format(path: Path) -> str:
     """'safetensors', 'torch-zip', 'pickle' from the first bytes; raises for anything else."""
     with open(path, "rb") as handle:
         head = handle.read(16)
@@ -57,7 +57,7 @@ def read_weights_file(path: str | Path) -> dict[str, torch.Tensor]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: no such file")
-    if detect_format(path) == "safetensors":
+    if weights_file_format(path) == "safetensors":
         from safetensors.torch import load_file
 
         try:
