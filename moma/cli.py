@@ -200,7 +200,7 @@ def _is_slide_input(path: str) -> bool:
 def cmd_predict_slides(args) -> int:
     from moma.data.slides import collect_slides, slide_id
     from moma.engine.device import resolve_device
-    from moma.engine.slide_predict import DONE, SUMMARY_NAME, SlidePredictOptions, predict_slides
+    from moma.engine.slide_predict import DONE, SLIDES_NAME, SlidePredictOptions, predict_slides
 
     slides = collect_slides([args.folder, *args.slides])
     out = Path(args.out or "slide_predictions")
@@ -213,10 +213,10 @@ def cmd_predict_slides(args) -> int:
     done = current[current["status"] == DONE]
     if done.empty:
         reason = current["reason"].iloc[-1] if len(current) else "no slides"
-        raise DataError(f"no slide could be predicted ({reason}); the reasons are in {out / SUMMARY_NAME}")
+        raise DataError(f"no slide could be predicted ({reason}); the reasons are in {out / SLIDES_NAME}")
     skipped = len(current) - len(done)
-    print(f"{len(done)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; {SUMMARY_NAME})"
-          + (f"; {skipped} skipped, reasons in {SUMMARY_NAME}" if skipped else ""))
+    print(f"{len(done)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; {SLIDES_NAME})"
+          + (f"; {skipped} skipped, reasons in {SLIDES_NAME}" if skipped else ""))
     return 0
 
 

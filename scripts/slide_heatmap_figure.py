@@ -69,7 +69,7 @@ def main() -> int:
         if moma(["predict", str(checkpoint), str(SVS), "--out", str(predicted), "--mpp", str(MPP), "--device", "cpu"]) != 0:
             raise SystemExit("prediction failed")
         draw(predicted / f"{SVS.stem}.csv", args.out, args.colours)
-        summary = pd.read_csv(predicted / "summary.csv").iloc[0]
+        summary = pd.read_csv(predicted / "slides.csv").iloc[0]
     fractions = ", ".join(f"{name} {summary[f'fraction_{name}']:.0%}" for name in CLASSES)
     print(f"{args.out}: {args.out.stat().st_size / 1024:.0f} KiB; {summary['tiles']} tiles; {fractions}")
     return 0

@@ -107,7 +107,7 @@ def test_resume_honours_the_flags_that_make_sense_and_refuses_the_others(tile_fo
         with pytest.raises(ConfigError, match=f"{flag} cannot change on resume .allowed: --epochs, --device"):
             run_in_process("train", "--resume", run, flag, value)
     assert run_in_process("train", "--resume", run, "--epochs", "2", "--device", "cpu", "--profile") == 0
-    assert pd.read_csv(f"{run}/summary.csv")["epoch"].tolist() == [1, 2]  # --epochs extended the run
+    assert pd.read_csv(f"{run}/history.csv")["epoch"].tolist() == [1, 2]  # --epochs extended the run
     assert "best epoch" in capsys.readouterr().out
 
 

@@ -17,7 +17,7 @@ def test_training_learns_separable_tiles(tile_folder, make_config):
     cfg = make_config(tile_folder, optim={"epochs": 4, "lr": 0.05})
     results = run_training(cfg)
     run_dir = results.run_dir
-    history = pd.read_csv(f"{run_dir}/summary.csv")
+    history = pd.read_csv(f"{run_dir}/history.csv")
     assert list(history["epoch"]) == [1, 2, 3, 4]
     assert history["train_loss"].iloc[-1] < history["train_loss"].iloc[0]
     assert results.test_metrics("best")["accuracy"] >= 0.9  # chance is 1/3
@@ -48,7 +48,7 @@ def test_resume_after_interruption_gives_identical_weights(tile_folder, make_con
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
-    assert pd.read_csv(f"{resumed}/summary.csv")["epoch"].tolist() == [1, 2, 3]
+    assert pd.read_csv(f"{resumed}/history.csv")["epoch"].tolist() == [1, 2, 3]
     assert open(f"{reference}/split.csv").read() == open(f"{resumed}/split.csv").read()
 
 

@@ -1,7 +1,7 @@
 """MoMA with keys from a frozen teacher of another architecture, the student from random weights
 (docs/moma.md, "Which MoMA you get"): on the shipped LC25000 lung tiles at 32 px the contrastive
 term carries per-sample information, and a teacher that learnt something gives keys the student
-follows more closely than a teacher of random weights. Diagnostics are read from summary.csv."""
+follows more closely than a teacher of random weights. Diagnostics are read from history.csv."""
 
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def trained_teacher(tmp_path_factory, lung_subset) -> Path:
 def distil(make_config, manifest, out: Path, teacher: Path, student_arch="test_resnet") -> pd.DataFrame:
     cfg = lung_config(make_config, manifest, out, student_arch, 3, method="moma", teacher=str(teacher),
                       student_init="scratch")
-    return pd.read_csv(Path(run_training(cfg).run_dir) / "summary.csv")
+    return pd.read_csv(Path(run_training(cfg).run_dir) / "history.csv")
 
 
 def test_keys_from_a_frozen_teacher_of_another_architecture_carry_per_sample_signal(

@@ -1,6 +1,6 @@
 """MoMA's contrastive term on real H&E tiles: informative with the defaults, collapsed with the
 published code's wiring (docs/moma.md, "Which MoMA you get"). Short runs on the shipped LC25000
-lung tiles at 32 px with timm's test_resnet; the diagnostics are read back from summary.csv."""
+lung tiles at 32 px with timm's test_resnet; the diagnostics are read back from history.csv."""
 
 import json
 import math
@@ -34,7 +34,7 @@ def train_moma(tmp_path, make_config, manifest, **params):
                       optim={"epochs": 3, "batch_size": 24, "lr": 0.05},
                       distill={"method": "moma", "teacher": str(teacher), "params": params})
     run_dir = Path(run_training(cfg).run_dir)
-    return pd.read_csv(run_dir / "summary.csv"), json.loads((run_dir / "metrics.json").read_text())
+    return pd.read_csv(run_dir / "history.csv"), json.loads((run_dir / "metrics.json").read_text())
 
 
 def test_default_contrastive_term_stays_informative(tmp_path, make_config, lung_subset, caplog):

@@ -50,7 +50,7 @@ def test_damaged_regions_cost_their_tiles_with_one_line_each(checkpoint, slide, 
 
     table = pd.read_csv(tmp_path / "p" / "damaged.csv")
     assert sorted(zip(table["y"] // CELL, table["x"] // CELL)) == sorted(set(cells()) - bad)
-    row = pd.read_csv(tmp_path / "p" / "summary.csv").iloc[0]
+    row = pd.read_csv(tmp_path / "p" / "slides.csv").iloc[0]
     assert (row["status"], row["tiles"], row["unreadable"]) == ("done", len(cells()) - len(bad), len(bad))
     assert row["reason"] == f"{len(bad)} unreadable tile(s) in 2 region(s) left out"
 
@@ -74,7 +74,7 @@ def test_a_folder_gives_one_summary_and_skips_a_damaged_slide(checkpoint, slide,
     assert "2 slide(s) predicted" in out.out and "1 skipped" in out.out
     assert sum("broken: skipped: " in line for line in out.err.splitlines()) == 1
 
-    summary = pd.read_csv(tmp_path / "p" / "summary.csv")
+    summary = pd.read_csv(tmp_path / "p" / "slides.csv")
     summary["reason"] = summary["reason"].fillna("")
     assert list(summary["slide"]) == ["a", "b", "broken"]
     assert list(summary["status"]) == ["done", "done", "skipped"]
@@ -106,10 +106,11 @@ def test_a_killed_run_resumes_slide_by_slide(checkpoint, tmp_path, monkeypatch, 
     monkeypatch.setattr(slide_predict, "plot_class_map", killed_at_s2)
     assert predict(checkpoint, out, *slides) == 130
     assert "re-running the same command predicts the slides not yet done" in capsys.readouterr().err
-    assert list(pd.read_csv(out / "summary.csv")["slide"]) == ["s0", "s1"]
+    assert list(pd.read_csv(out / "slides.csv")["slide"]) == ["s0", "s1"]
     assert (out / "s2.csv").is_file() and not (out / "s2_heatmap.png").exists()
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]  # atomic writes: no half files
     kept = {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.name.startswith(("s0", "s1"))}
+    (out / "slides.csv").rename(out / "summary.csv")  # what earlier versions called it: a folder they wrote resumes too
 
     monkeypatch.setattr(slide_predict, "plot_class_map", real_plot)
     predicted = []
@@ -118,9 +119,9 @@ def test_a_killed_run_resumes_slide_by_slide(checkpoint, tmp_path, monkeypatch, 
     assert predict(checkpoint, out, *slides) == 0
     assert predicted == ["s2"]
     assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept
-    resumed = pd.read_csv(out / "summary.csv")
+    resumed = pd.read_csv(out / "slides.csv")
     assert predict(checkpoint, tmp_path / "fresh", *slides) == 0
-    fresh = pd.read_csv(tmp_path / "fresh" / "summary.csv")
+    fresh = pd.read_csv(tmp_path / "fresh" / "slides.csv")
     timing = ["seconds", "data_wait", "path"]
     pd.testing.assert_frame_equal(resumed.drop(columns=timing), fresh.drop(columns=timing))
 

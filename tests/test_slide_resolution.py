@@ -27,7 +27,7 @@ def model(tmp_path_factory):
 def predict(model, slide, out, *flags) -> pd.Series:
     assert main(["predict", str(model), str(slide), "--out", str(out), *flags]) == 0
     tiles = pd.read_csv(out / f"{slide.stem}.csv")
-    summary = pd.read_csv(out / "summary.csv").iloc[0]
+    summary = pd.read_csv(out / "slides.csv").iloc[0]
     assert set(tiles["level"]) == {summary["level"]}
     return summary
 

@@ -203,7 +203,7 @@ def test_tile_train_predict_end_to_end(tmp_path):
         assert len(props["classification"]["color"]) == 3
         assert props["measurements"]["prob_lung_scc"] == pytest.approx(row.prob_lung_scc)
 
-    summary = pd.read_csv(out / "summary.csv")
+    summary = pd.read_csv(out / "slides.csv")
     weights = tiles["tissue"] / tiles["tissue"].sum()
     assert summary.loc[0, "slide"] == "s3" and summary.loc[0, "tiles"] == 51
     assert summary.loc[0, "fraction_lung_scc"] == pytest.approx(weights[tiles["prediction"] == "lung_scc"].sum(), abs=1e-4)

@@ -513,7 +513,7 @@ def _sections(ctx: ReportContext, results: pd.DataFrame, ranked: pd.DataFrame, p
                     yield 3, title, [paired_table(part, setting), plain_words(part, setting, cfg.baseline)]
     if set(CONTRAST_COLUMNS) <= set(results.columns) and results["diag_nce"].notna().any():
         yield 2, "Contrastive term", [
-            "Last training epoch, mean over runs (summary.csv of each run has every epoch). L_NCE near 0 % of "
+            "Last training epoch, mean over runs (history.csv of each run has every epoch). L_NCE near 0 % of "
             "its chance level ln(K+1) is a shortcut, near 100 % keys without per-sample signal (both in bold); "
             "in-batch retrieval: share of queries whose best positive key in the batch is their own (chance "
             "1/batch); cosines: mean pairwise cosine within a batch (1 = one vector)."

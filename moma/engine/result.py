@@ -46,7 +46,7 @@ class RunResult:
     data: dict[str, int] = field(default_factory=dict)  # tiles per split: train, val, test, unlabelled
     skipped_tiles: int = 0
     skipped_unlabelled_tiles: int = 0
-    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's row of summary.csv
+    history: list[dict[str, Any]] = field(default_factory=list)  # every epoch's row of history.csv
 
     # ------------------------------------------------------------------ reading the numbers
     def test_metrics(self, model: str = "best") -> dict[str, float]:

@@ -1,6 +1,6 @@
-"""The summary of a cohort of predicted slides, and resuming it slide by slide.
+"""The table of a cohort of predicted slides, and resuming it slide by slide.
 
-``summary.csv`` holds one row per slide: ``status`` ``done`` with tissue area, tiles, class
+``slides.csv`` holds one row per slide: ``status`` ``done`` with tissue area, tiles, class
 fractions, mean probabilities and how the slide was read, or ``skipped`` with a one-line
 ``reason``. It is rewritten (atomically) after every slide, so it is also the record a re-run
 resumes from: a slide whose row says ``done`` and whose files are all there is not predicted again.
@@ -22,7 +22,8 @@ from moma.engine.layout import BEST_NAME
 from moma.errors import ConfigError
 from moma.utils.io import atomic_path, atomic_write_json
 
-SUMMARY_NAME = "summary.csv"
+SLIDES_NAME = "slides.csv"
+OLD_SLIDES_NAME = "summary.csv"  # what earlier versions called it: a folder they wrote still resumes
 PARAMS_NAME = "prediction.json"
 DONE, SKIPPED = "done", "skipped"
 _LEADING = ["slide", "status", "tiles", "unreadable", "tissue_mm2", "slide_mpp", "level", "level_mpp", "model_mpp", "scale"]
@@ -50,14 +51,15 @@ def file_sha256(path: Path) -> str:
 def resume_rows(out_dir: Path, params: dict) -> dict[str, dict]:
     """The summary rows a re-run into ``out_dir`` may keep (by slide id); refuses a folder that
     holds another model's or other settings' predictions. Records ``params`` for the next run."""
-    params_file, summary = out_dir / PARAMS_NAME, out_dir / SUMMARY_NAME
+    params_file = out_dir / PARAMS_NAME
+    summary = next((p for p in (out_dir / SLIDES_NAME, out_dir / OLD_SLIDES_NAME) if p.is_file()), None)
     if params_file.is_file():
         saved = json.loads(params_file.read_text())
         changed = next((key for key in params if saved.get(key) != params[key]), None)
         if changed is not None:
             what = "model" if changed == "model_sha256" else f"{changed} ({saved.get(changed)} there, {params[changed]} now)"
             raise ConfigError(f"--out {out_dir} holds predictions made with another {what}; use another --out")
-        if summary.is_file():
+        if summary is not None:
             frame = pd.read_csv(summary, dtype={"slide": str, "status": str, "path": str, "reason": str})
             frame["reason"] = frame["reason"].fillna("").astype(str)
             return {row["slide"]: row for row in frame.to_dict("records")}
@@ -77,7 +79,7 @@ def write_summary(out_dir: Path, rows: dict[str, dict], names: list[str]) -> pd.
     for column in _INTEGERS:
         frame[column] = pd.to_numeric(frame[column]).round().astype("Int64")
     frame["reason"] = frame["reason"].fillna("")
-    with atomic_path(out_dir / SUMMARY_NAME) as tmp:
+    with atomic_path(out_dir / SLIDES_NAME) as tmp:
         frame.to_csv(tmp, index=False)
     return frame
 

@@ -28,7 +28,7 @@ from moma.data.slides import Slide, slide_id
 from moma.data.tiling import TilePlan, plan_tiles, refuse_upsampling
 from moma.engine.checkpoint import ModelMetadata
 from moma.engine.inference import eval_transform, load_classifier
-from moma.engine.slide_cohort import (DONE, SKIPPED, SUMMARY_NAME, file_sha256, finished, model_file, resume_rows,
+from moma.engine.slide_cohort import (DONE, SKIPPED, SLIDES_NAME, file_sha256, finished, model_file, resume_rows,
                                       skipped_row, done_row, write_summary)
 from moma.engine.slide_outputs import class_colours, plot_class_map, plot_probability_map, write_geojson, write_table
 from moma.engine.slide_stream import StreamResult, auto_workers, model_threads, split_for_device, stream_probs
@@ -36,7 +36,7 @@ from moma.errors import CheckpointError, DataError
 
 log = logging.getLogger(__name__)
 
-__all__ = ["DONE", "SKIPPED", "SUMMARY_NAME", "SlidePredictOptions", "class_colours", "predict_slides"]
+__all__ = ["DONE", "SKIPPED", "SLIDES_NAME", "SlidePredictOptions", "class_colours", "predict_slides"]
 
 HEATMAP_MAX_SIDE = 1024
 

@@ -5,7 +5,7 @@ The optimiser and learning-rate schedule are :mod:`moma.engine.schedule`, the re
 :mod:`moma.engine.runs`.
 
 Per epoch: train (seeded per epoch, so a resumed run replays the same epoch exactly), validate,
-write one row of ``summary.csv``, keep the best-by-validation deployable checkpoint, and save the
+write one row of ``history.csv``, keep the best-by-validation deployable checkpoint, and save the
 full training state. At the end the best and the last model are evaluated on the test split;
 the test split is never used for any choice.
 
@@ -41,10 +41,10 @@ from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, pred
 from moma.engine.layout import (
     BEST_NAME,
     CURVES_NAME,
+    HISTORY_NAME,
     LAST_NAME,
     SPLIT_NAME,
     STATE_NAME,
-    SUMMARY_NAME,
     TENSORBOARD_DIR,
 )
 from moma.engine.plots import plot_curves
@@ -409,7 +409,7 @@ class Trainer:
         row.update({k: v for k, v in train.items() if k.startswith("time_")})
         self.state.history.append(row)
         if self.dist.is_main:
-            atomic_write_text(self.run_dir / SUMMARY_NAME, pd.DataFrame(self.state.history).to_csv(index=False))
+            atomic_write_text(self.run_dir / HISTORY_NAME, pd.DataFrame(self.state.history).to_csv(index=False))
             if self.writer is not None:
                 for key, value in row.items():
                     if key != "epoch" and isinstance(value, (int, float)) and np.isfinite(value):
