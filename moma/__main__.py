@@ -1,3 +1,5 @@
+"""``python -m moma``: the ``moma`` command."""
+
 from moma.cli import main
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ Only the lines between the two markers are generated; the rest of the page is pr
 
 from __future__ import annotations
 
-import argparse
 import subprocess
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import doc_block  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 DOC = ROOT / "docs" / "methods.md"
@@ -27,32 +29,15 @@ def registry_table() -> str:
 
 
 def generated_block(text: str) -> str:
-    """The lines between the markers of ``text`` (without the markers)."""
-    if START not in text or END not in text:
-        raise ValueError(f"{DOC.name}: the markers of the generated table are missing")
-    return text.split(START, 1)[1].split(END, 1)[0].strip()
+    return doc_block.generated_block(text, START, END)
 
 
 def with_table(text: str, table: str) -> str:
-    head, rest = text.split(START, 1)
-    return f"{head}{START}\n{table}\n{END}{rest.split(END, 1)[1]}"
+    return doc_block.with_block(text, START, END, table)
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="only check; exit 1 if the table is out of date")
-    args = parser.parse_args(argv)
-    text, table = DOC.read_text(), registry_table()
-    if generated_block(text) == table:
-        print(f"{DOC.relative_to(ROOT)}: the method table is current")
-        return 0
-    if args.check:
-        print(f"{DOC.relative_to(ROOT)}: the method table is out of date; run python scripts/update_methods_doc.py",
-              file=sys.stderr)
-        return 1
-    DOC.write_text(with_table(text, table))
-    print(f"{DOC.relative_to(ROOT)}: method table rewritten from the registry")
-    return 0
+    return doc_block.check_or_rewrite(DOC, registry_table(), START, END, "method table", __doc__.splitlines()[0], argv)
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Low-level helpers every layer may use: atomic file writes and tensor collectives.
+"""Low-level helpers every layer may use: atomic file writes, tensor collectives and the pydantic
+error formatter.
 
 Nothing here imports another part of the package except :mod:`moma.errors`.
 """
