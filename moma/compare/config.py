@@ -29,6 +29,10 @@ A teacher with ``holdout`` is trained on a seeded, patient-grouped part of its d
 whose target is that data source (whatever its teacher) trains and tests its students on the other
 patients only: the paper's same-task setting with a teacher the students never saw, and one target
 shared by all settings.
+
+The module is near 400 lines because it is the one schema of the compare file: every rule a user
+can break across its sections (grid keys, sizes, pools, holdouts, method entries) is checked here,
+so that each error names its key before any training starts.
 """
 
 from __future__ import annotations
