@@ -81,12 +81,12 @@ def test_a_missing_student_weights_file_fails_before_any_tile_is_read(tmp_path, 
         run_training(cfg)
 
 
-def test_a_moma_teacher_of_another_architecture_fails_before_any_tile_is_read(tmp_path, make_config, monkeypatch):
+def test_a_momentum_teacher_of_another_architecture_fails_before_any_tile_is_read(tmp_path, make_config, monkeypatch):
     from conftest import write_teacher
 
     teacher = write_teacher(tmp_path / "teacher.safetensors", ["a", "b"], arch="test_efficientnet")
     monkeypatch.setattr("moma.engine.builder.scan_tiles", lambda *a, **k: pytest.fail("data scanned"))
-    cfg = make_config(tmp_path, distill={"method": "moma", "teacher": str(teacher)})
+    cfg = make_config(tmp_path, distill={"method": "moma", "teacher": str(teacher), "params": {"keys": "momentum"}})
     with pytest.raises(ConfigError, match="needs a teacher of the student's architecture .*model.arch=test_efficientnet"):
         run_training(cfg)
 

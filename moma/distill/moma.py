@@ -49,7 +49,7 @@ from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
-from moma.utils import collectives as dist_utils
+from moma.utils import collectives
 from moma.utils.collectives import unwrap_parallel
 from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
@@ -339,8 +339,8 @@ class MoMA(DistillMethod):
         if self.key_source == "teacher":
             return "frozen teacher, eval-mode BN"
         if self.params.shuffle_bn == "none":
-            return "plain BN" + (" (keys all-gathered across processes)" if dist_utils.is_distributed() else "")
-        if dist_utils.is_distributed():
+            return "plain BN" + (" (keys all-gathered across processes)" if collectives.is_distributed() else "")
+        if collectives.is_distributed():
             return "shuffle BN across processes (keys all-gathered)"
         return f"split-batch BN ({self.params.bn_splits} sub-batches)"
 
@@ -485,7 +485,7 @@ class MoMA(DistillMethod):
         sub-batch updates the running statistics, as each GPU's own teacher does in the code.
         Returns pooled features in ``embedding`` and logits, un-shuffled. Several processes: the
         real shuffle BN across ranks (:meth:`_shuffle_across_ranks`)."""
-        if self.training and self.params.shuffle_bn != "none" and dist_utils.is_distributed():
+        if self.training and self.params.shuffle_bn != "none" and collectives.is_distributed():
             return self._shuffle_across_ranks(teacher, images)
         splits = self._bn_splits(images.shape[0])
         if splits == 1:
@@ -508,16 +508,16 @@ class MoMA(DistillMethod):
         pooled features and logits are gathered and un-shuffled, and each rank keeps its own
         samples' rows. The order travels with the result, for :meth:`_gather_keys`."""
         rank = torch.distributed.get_rank()
-        sizes = dist_utils.gather_sizes(images.shape[0], images.device)
-        everyone = dist_utils.all_gather_rows(images, sizes)
-        order = dist_utils.shared_permutation(sum(sizes), images.device)
-        mine = everyone[dist_utils.shuffled_slice(order, sizes, rank)]
+        sizes = collectives.gather_sizes(images.shape[0], images.device)
+        everyone = collectives.all_gather_rows(images, sizes)
+        order = collectives.shared_permutation(sum(sizes), images.device)
+        mine = everyone[collectives.shuffled_slice(order, sizes, rank)]
         if images.is_contiguous(memory_format=torch.channels_last):
             mine = mine.contiguous(memory_format=torch.channels_last)
         out = teacher(mine)
         pooled = pooled_features(teacher.model, out)
         rows = torch.cat([pooled.float(), out.logits.float()], dim=1)
-        own = dist_utils.rank_rows(dist_utils.unshuffle(dist_utils.all_gather_rows(rows, sizes), order), sizes, rank)
+        own = collectives.rank_rows(collectives.unshuffle(collectives.all_gather_rows(rows, sizes), order), sizes, rank)
         width = pooled.shape[1]
         return KeyPass(logits=own[:, width:].to(out.logits.dtype), embedding=own[:, :width].to(pooled.dtype),
                        key_order=order)
@@ -527,9 +527,9 @@ class MoMA(DistillMethod):
         """Keys of every process, for the queue (the code's ``all_k``). One process: its own.
         After a shuffled key pass they come in the shuffled order, as the code's ``all_k`` (each
         GPU's keys of its shuffled block, gathered)."""
-        if not dist_utils.is_distributed():
+        if not collectives.is_distributed():
             return keys
-        everyone = dist_utils.all_gather_rows(keys)
+        everyone = collectives.all_gather_rows(keys)
         return everyone if order is None else everyone[order]
 
     @torch.no_grad()
@@ -618,7 +618,7 @@ class MoMA(DistillMethod):
             log.warning(
                 "moma: epoch %d: L_NCE %.3g is %.0f %% of its chance level ln(K+1) = %.3g: the keys carry almost no "
                 "per-sample signal. Likely causes: a temperature too high for the key spread (nce_temperature), "
-                "keys that collapse after the attention (see train_nce_key_cos in summary.csv), or too few steps",
+                "keys that collapse after the attention (see train_nce_key_cos in history.csv), or too few steps",
                 epoch + 1, nce, 100 * share, chance)
 
 
