@@ -5,12 +5,15 @@ PX pixels at 0.5 um/px; default a resnet18 at 224 px and a resnet10t at 64 px, w
 leave the reading the least room):
 
 * **model**: tiles/s of the model alone on in-memory batches, in PyTorch and in ONNX Runtime (its
-  ``moma export --dynamic-batch``), same batch size and threads as below;
+  ``moma export --dynamic-batch``), same batch size and threads as below, measured before and
+  after the slide runs and averaged;
 * **slide**: ``moma predict`` on the small slide, in PyTorch and in ONNX Runtime, with
   ``--workers`` reader processes (and once with ``--workers 0``, reading in the main process, in
-  PyTorch): tiles/s over the slide's whole time as ``summary.csv`` gives it (tissue detection,
-  reading, the model, CSV, GeoJSON, heatmap), the share of the model loop spent waiting for data,
-  and the ratio slide / model (the goal: 0.8 or more);
+  PyTorch): tiles/s over the slide's whole time as its row of the slide table gives it (tissue detection,
+  reading, the model, CSV, GeoJSON, heatmap), the ratio slide / model (the goal: 0.8 or more),
+  tiles/s of the model loop alone and the share of it spent waiting for data, and the main
+  process's CPU time per tile in that loop beside the model's alone: on a machine shared with
+  other work, wall-clock rates move with the load, CPU time per tile does not;
 * **memory**: peak resident memory of the main process (VmHWM; reader processes hold one slide
   handle and a few batches each), and for the first model the same on the large slide (four
   times the tiles): flat memory means the same peak.
@@ -25,7 +28,7 @@ with ``--threads`` torch (and ONNX Runtime) threads.
 scan; JPEG 256 px tiles; levels 1, 4, 16, 64), a resnet18 on CUDA: the model's tiles/s alone and
 ``moma predict``'s, its seconds for the slide against the 60 s goal, and the data wait.
 
-    python benchmarks/slides.py                       # about 10 minutes on 2 CPU cores
+    python benchmarks/slides.py                       # about 10 minutes on 2 busy CPU cores
     python benchmarks/slides.py --side 4096 --models resnet10t:64
     python benchmarks/slides.py --gpu                 # needs CUDA; a 1-2 GB slide in a temporary folder
 """
@@ -157,35 +160,54 @@ def child_model(model_path: str, px: int, batch: int, device: str, seconds: floa
     model, _ = load_classifier(model_path, torch.device(device))
     images = torch.randn(batch, 3, px, px, device=device)
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
-    tiles, start = 0, 0.0
+    tiles, start, cpu = 0, 0.0, 0.0
     with torch.no_grad():
         for step in range(10_000):
             model(images).float().softmax(1)
             sync()
             if step == 1:  # two warm-up batches
-                start = time.perf_counter()
+                start, cpu = time.perf_counter(), time.process_time()
             elif step > 1:
                 tiles += batch
                 if time.perf_counter() - start > seconds and step >= 5:
                     break
-    return {"tiles_per_s": tiles / (time.perf_counter() - start)}
+    return {"tiles_per_s": tiles / (time.perf_counter() - start), "cpu_ms": 1e3 * (time.process_time() - cpu) / tiles}
+
+
+def _timed_stream(record: dict):
+    """slide_predict's stream_probs, recording the loop's wall and main-process CPU seconds."""
+    import moma.engine.slide_predict as slide_predict
+
+    original = slide_predict.stream_probs
+
+    def timed(model, dataset, *args, **kwargs):
+        cpu = time.process_time()
+        result = original(model, dataset, *args, **kwargs)
+        record.update(loop_s=result.seconds, loop_cpu_s=time.process_time() - cpu)
+        return result
+
+    slide_predict.stream_probs = timed
 
 
 def child_predict(argv: list[str], out: str) -> dict:
     """``moma predict`` timed whole, and the slide's row of its summary."""
     import pandas as pd
 
-    import moma.engine.slide_predict  # noqa: F401  (imports are start-up, not prediction)
     from moma.cli import main
 
+    loop: dict = {}
+    _timed_stream(loop)
     start = time.perf_counter()
     code = main(argv)
     wall = time.perf_counter() - start
     if code != 0:
         raise SystemExit(f"moma {' '.join(argv)} exited with {code}")
-    row = pd.read_csv(Path(out) / "summary.csv").iloc[0]
-    return {"wall": wall, "tiles": int(row["tiles"]), "seconds": float(row["seconds"]),
-            "data_wait": float(row["data_wait"]), "peak_mib": _peak_rss_mib()}
+    table = next(Path(out) / name for name in ("slides.csv", "summary.csv") if (Path(out) / name).is_file())
+    row = pd.read_csv(table).iloc[0]
+    tiles = int(row["tiles"])
+    return {"wall": wall, "tiles": tiles, "seconds": float(row["seconds"]), "data_wait": float(row["data_wait"]),
+            "loop_tiles_per_s": tiles / loop["loop_s"], "loop_cpu_ms": 1e3 * loop["loop_cpu_s"] / tiles,
+            "peak_mib": _peak_rss_mib()}
 
 
 def run_child(kind: str, threads: int, *args) -> dict:
@@ -227,13 +249,20 @@ def cpu_benchmark(args, tmp: Path) -> None:
         arch, px = spec.split(":")
         ckpt, onnx = make_model(tmp, arch, int(px))
         for runtime, model in (("PyTorch", ckpt), ("ONNX Runtime", onnx)):
-            alone = run_child("model", args.threads, str(model), int(px), args.batch_size, "cpu", args.model_seconds)
-            print(f"{spec} {runtime}: model alone {alone['tiles_per_s']:.1f} tiles/s", flush=True)
+            def alone() -> dict:
+                return run_child("model", args.threads, str(model), int(px), args.batch_size, "cpu", args.model_seconds)
+
+            before, preds = alone(), []
             for workers in [args.workers] + ([0] if runtime == "PyTorch" else []):
                 out = tmp / f"pred_{arch}_{px}_{runtime[0]}_{workers}"
-                pred = run_child("predict", args.threads, predict_args(model, slides["small"], out, workers,
-                                                                       args.batch_size, "cpu"), str(out))
-                rows.append((spec, runtime, workers, alone["tiles_per_s"], pred))
+                preds.append((workers, run_child("predict", args.threads, predict_args(model, slides["small"], out, workers,
+                                                                                       args.batch_size, "cpu"), str(out))))
+            after = alone()  # before and after the slides: on a loaded machine the model's own speed drifts
+            print(f"{spec} {runtime}: model alone {before['tiles_per_s']:.1f} then {after['tiles_per_s']:.1f} tiles/s",
+                  flush=True)
+            mean = {key: (before[key] + after[key]) / 2 for key in before}
+            for workers, pred in preds:
+                rows.append((spec, runtime, workers, mean, pred))
                 print(f"  workers {workers}: {pred['tiles']} tiles, {pred['tiles'] / pred['seconds']:.1f} tiles/s, "
                       f"data wait {pred['data_wait']:.1%}", flush=True)
         if number == 0:
@@ -249,13 +278,13 @@ def _report_cpu(args, rows: list, memory: dict) -> None:
     print(f"small slide {args.side} px square, large {2 * args.side} px; {args.threads} model thread(s), batch "
           f"{args.batch_size}\n")
     print("| model | runtime | reader workers | tissue tiles | model alone tiles/s | slide tiles/s | slide / model | "
-          "data wait | command tiles/s | peak MiB |")
-    print("|---|---|---|---|---|---|---|---|---|---|")
+          "model loop tiles/s | data wait | CPU ms/tile: model alone | CPU ms/tile: main process in the loop | peak MiB |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for spec, runtime, workers, alone, pred in rows:
         slide_rate = pred["tiles"] / pred["seconds"]
-        print(f"| {spec} | {runtime} | {workers} | {pred['tiles']} | {alone:.1f} | {slide_rate:.1f} | "
-              f"{slide_rate / alone:.2f} | {pred['data_wait']:.1%} | {pred['tiles'] / pred['wall']:.1f} | "
-              f"{pred['peak_mib']:.0f} |")
+        print(f"| {spec} | {runtime} | {workers} | {pred['tiles']} | {alone['tiles_per_s']:.1f} | {slide_rate:.1f} | "
+              f"**{slide_rate / alone['tiles_per_s']:.2f}** | {pred['loop_tiles_per_s']:.1f} | {pred['data_wait']:.1%} | "
+              f"{alone['cpu_ms']:.2f} | {pred['loop_cpu_ms']:.2f} | {pred['peak_mib']:.0f} |")
     small = next(p for spec, runtime, w, _, p in rows if spec == args.models[0] and runtime == "PyTorch" and w == args.workers)
     print(f"\npeak memory, large / small slide ({args.models[0]}, PyTorch): {memory['peak_mib'] / small['peak_mib']:.3f}x "
           f"({memory['peak_mib']:.0f} / {small['peak_mib']:.0f} MiB) for {memory['tiles'] / small['tiles']:.1f}x the "
@@ -297,7 +326,7 @@ def gpu_benchmark(args, tmp: Path) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--side", type=int, default=8192, help="level-0 side of the small slide (a multiple of 4096)")
+    parser.add_argument("--side", type=int, default=12288, help="level-0 side of the small slide (a multiple of 4096)")
     parser.add_argument("--models", nargs="+", default=["resnet18:224", "resnet10t:64"], help="ARCH:PX, timm names")
     parser.add_argument("--threads", type=int, default=1, help="torch and ONNX Runtime threads of the model")
     parser.add_argument("--workers", type=int, default=-1, help="reader processes (default: moma predict's own choice)")
