@@ -85,7 +85,9 @@ class DataConfig(Section):
         None, description="match every tile's stain to a reference tile before augmentation: {method, reference}; "
         "recorded in the checkpoint and ONNX export, and applied by predict and evaluate (None = off)")
     skip_bad: bool = False
-    cache: bool = Field(True, description="decode every tile once and keep it in memory")
+    cache: bool | Literal["auto"] = Field(
+        "auto", description="decode every tile once and keep it in memory; auto: only when the decoded labelled tiles "
+        "fit a quarter of the machine's memory (the decision is logged)")
     num_workers: int | Literal["auto"] = "auto"
 
     @field_validator("unlabelled", mode="before")

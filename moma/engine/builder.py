@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from moma.config import Config
-from moma.data.dataset import TileDataset
+from moma.data.dataset import TileDataset, cache_budget, choose_cache, reset_size_warning
 from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_split, split_table
 from moma.data.stain_norm import StainNormalizer, StainReference, fit_reference
 from moma.data.subsample import subsample_train
@@ -76,7 +76,10 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
     parts = apply_split(table, split)
     if len(parts["test"]) == 0:
         log.warning("the test split is empty: only validation metrics will be reported")
-    common = dict(image_size=cfg.data.image_size, cache=cfg.data.cache, skip_bad=cfg.data.skip_bad, progress=progress)
+    reset_size_warning()
+    labelled = sum(len(part) for part in parts.values())
+    cache = choose_cache(cfg.data.cache, labelled, cfg.data.image_size, cache_budget())
+    common = dict(image_size=cfg.data.image_size, cache=cache, skip_bad=cfg.data.skip_bad, progress=progress)
     stain = fit_stain(cfg)
     normalizer = None if stain is None else StainNormalizer(stain)
     train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment, normalizer)

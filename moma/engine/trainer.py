@@ -115,7 +115,7 @@ class Trainer:
         workers = self.cfg.data.num_workers
         if workers == "auto":
             cores = (os.cpu_count() or 2) // max(1, self.dist.local_world_size)
-            if self.device.type == "cpu" and self.cfg.data.cache:
+            if self.device.type == "cpu" and self.data.train.cached:
                 # Augmenting cached tiles is about a tenth of a CPU step's work (BENCHMARKS.md): one
                 # worker overlaps it with the step and leaves the other cores to the model.
                 return 1 if cores >= 2 else 0
@@ -123,7 +123,7 @@ class Trainer:
         return int(workers)
 
     def _eval_workers(self) -> int:
-        return 0 if self.device.type == "cpu" and self.cfg.data.cache else self._num_workers()
+        return 0 if self.device.type == "cpu" and self.data.train.cached else self._num_workers()
 
     def _drop_last(self) -> bool:
         # A final batch of one sample breaks BatchNorm in train mode; drop only that case.
