@@ -51,13 +51,13 @@ step "CUDA tests" 240 env MOMA_REQUIRE_CUDA=1 "$PYTHON" -m pytest tests/test_cud
 
 step "teacher: EfficientNet-B0, 224 px, bf16, channels_last, torch.compile" 240 \
     "$PYTHON" -m moma train --data "$DATA" --arch efficientnet_b0 --image-size 224 --epochs 2 --batch-size 64 \
-    --output-dir "$OUT" --name teacher --device cuda --set train.amp=bf16 --set train.channels_last=true \
+    --out "$OUT" --name teacher --device cuda --set train.amp=bf16 --set train.channels_last=true \
     --set train.compile=true --set train.tensorboard=false --set train.progress=false
 
 step "one-GPU torchrun MoMA run" 180 \
     "$PYTHON" -m torch.distributed.run --standalone --nproc_per_node 1 -m moma distill --method moma \
     --teacher "$OUT/teacher/best.safetensors" --data "$DATA" --arch efficientnet_b0 --image-size 224 --epochs 2 \
-    --batch-size 64 --output-dir "$OUT" --name moma-torchrun --device cuda --set train.amp=bf16 \
+    --batch-size 64 --out "$OUT" --name moma-torchrun --device cuda --set train.amp=bf16 \
     --set train.channels_last=true --set distill.params.queue_size=auto --set train.tensorboard=false \
     --set train.progress=false
 

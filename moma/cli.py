@@ -25,7 +25,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("moma")
 
-# shortcut flag -> config key
+# shortcut flag -> config key. One spelling per concept across sub-commands: --out is where a
+# command writes (here the folder that receives the run folder), --workers the reader processes.
 SHORTCUTS = {
     "data": "data.source",
     "arch": "model.arch",
@@ -35,11 +36,16 @@ SHORTCUTS = {
     "image_size": "data.image_size",
     "seed": "run.seed",
     "name": "run.name",
-    "output_dir": "run.output_dir",
+    "out": "run.output_dir",
+    "workers": "data.num_workers",
     "device": "run.device",
+}
+# Only `moma distill` (and `moma config`) take these: `moma train` trains without distillation.
+DISTILL_SHORTCUTS = {
     "method": "distill.method",
     "teacher": "distill.teacher",
 }
+ALL_SHORTCUTS = {**SHORTCUTS, **DISTILL_SHORTCUTS}
 # Shortcuts that may change when a run is resumed: how long it trains and where it runs. The others
 # change what the saved state was computed with (or name another run folder) and are refused.
 RESUME_SHORTCUTS = ("epochs", "device")
@@ -62,12 +68,12 @@ def setup_logging(verbose: bool) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
-    parser.add_argument("config", nargs=None if config_required else "?", help="YAML config file (see configs/)")
+def _add_config_args(parser: argparse.ArgumentParser, distill: bool = False) -> None:
+    parser.add_argument("config", nargs="?", help="YAML config file (see configs/)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config key, e.g. --set optim.lr=0.01 (repeatable)")
     group = parser.add_argument_group("shortcuts (each sets one config key)")
-    for flag, key in SHORTCUTS.items():
+    for flag, key in (ALL_SHORTCUTS if distill else SHORTCUTS).items():
         group.add_argument(f"--{flag.replace('_', '-')}", dest=f"short_{flag}", default=None, metavar="VALUE",
                            help=f"= --set {key}=VALUE")
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and report how many (= --set data.skip_bad=true)")
@@ -77,7 +83,7 @@ def _add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fa
 
 def _shortcut_overrides(args) -> list[str]:
     """The ``key=value`` overrides the shortcut flags given stand for."""
-    overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in SHORTCUTS.items()
+    overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in ALL_SHORTCUTS.items()
                  if getattr(args, f"short_{flag}", None) is not None]
     if getattr(args, "skip_bad", False):
         overrides.append("data.skip_bad=true")
@@ -104,7 +110,7 @@ def _resume_config(args) -> "Config":  # noqa: F821
     run_dir = Path(args.resume)
     if not (run_dir / CONFIG_NAME).is_file():
         raise ConfigError(f"--resume {run_dir}: not a run folder (no {CONFIG_NAME})")
-    refused = [f"--{flag.replace('_', '-')}" for flag in SHORTCUTS
+    refused = [f"--{flag.replace('_', '-')}" for flag in ALL_SHORTCUTS
                if flag not in RESUME_SHORTCUTS and getattr(args, f"short_{flag}", None) is not None]
     if args.config is not None:
         refused.insert(0, f"config file {args.config}")
@@ -156,7 +162,7 @@ def cmd_evaluate(args) -> int:
 
     out = _evaluation_folder(args.checkpoint, args.out)
     metrics = evaluate_checkpoint(args.checkpoint, args.data, out, resolve_device(args.device), split_file=args.split_file,
-                                  split=args.split, mpp=args.mpp, batch_size=args.batch_size, skip_bad=args.skip_bad)
+                                  split=args.split, mpp=args.data_mpp, batch_size=args.batch_size, skip_bad=args.skip_bad)
     print(json.dumps(summary(metrics), indent=2))
     print(f"reports written to {out}")
     return 0
@@ -183,11 +189,25 @@ def cmd_predict(args) -> int:
     if args.slides or _is_slide_input(args.folder):
         return cmd_predict_slides(args)
     out = Path(args.out or "predictions.csv")
+    _refuse_existing_file(out)
     frame = predict_folder(args.checkpoint, args.folder, out, resolve_device(args.device), batch_size=args.batch_size,
                            skip_bad=args.skip_bad)
     print(f"{len(frame)} tiles predicted -> {out}")
     print(frame["prediction"].value_counts().to_string())
     return 0
+
+
+def _refuse_existing_file(path: Path) -> None:
+    if path.exists():
+        raise ConfigError(f"--out {path} already exists; choose another --out (nothing is overwritten)")
+
+
+def _refuse_foreign_folder(folder: Path, marker: str, what: str) -> None:
+    """A re-run may continue its own earlier output (it holds ``marker``), never fill another folder."""
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--out {folder} is a file; choose a folder for --out")
+    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
+        raise ConfigError(f"--out {folder} is not empty and holds no earlier {what} ({marker}); choose another --out")
 
 
 def _is_slide_input(path: str) -> bool:
@@ -200,11 +220,13 @@ def _is_slide_input(path: str) -> bool:
 def cmd_predict_slides(args) -> int:
     from moma.data.slides import collect_slides, slide_id
     from moma.engine.device import resolve_device
+    from moma.engine.slide_cohort import PARAMS_NAME
     from moma.engine.slide_predict import DONE, SLIDES_NAME, SlidePredictOptions, predict_slides
 
     slides = collect_slides([args.folder, *args.slides])
     out = Path(args.out or "slide_predictions")
-    options = SlidePredictOptions(batch_size=args.batch_size, workers=args.workers, slide_mpp=args.slide_mpp, mpp=args.mpp,
+    _refuse_foreign_folder(out, PARAMS_NAME, "slide predictions")
+    options = SlidePredictOptions(batch_size=args.batch_size, workers=args.workers, slide_mpp=args.slide_mpp, mpp=args.model_mpp,
                                   allow_upsampling=args.allow_upsampling, min_tissue=args.min_tissue,
                                   heatmap_class=args.heatmap_class)
     summary = predict_slides(args.checkpoint, slides, out, resolve_device(args.device), options)
@@ -222,12 +244,13 @@ def cmd_predict_slides(args) -> int:
 
 def cmd_tile(args) -> int:
     from moma.data.slides import collect_slides
-    from moma.data.tiling import TilingOptions, tile_slides
+    from moma.data.tiling import TILING_PARAMS, TilingOptions, tile_slides
 
+    _refuse_foreign_folder(Path(args.out), TILING_PARAMS, "`moma tile` output")
     slides = collect_slides(args.inputs)
     if args.annotations and not Path(args.annotations).is_dir():
         raise ConfigError(f"--annotations {args.annotations}: not a folder (expected <slide id>.geojson files)")
-    options = TilingOptions(tile_size=args.tile_size, mpp=args.mpp, min_tissue=args.min_tissue,
+    options = TilingOptions(tile_size=args.tile_size, mpp=args.tile_mpp, min_tissue=args.min_tissue,
                             annotations=Path(args.annotations) if args.annotations else None, label_by=args.label_by,
                             min_overlap=args.min_overlap, unlabelled=args.unlabelled, label=args.label,
                             slide_mpp=args.slide_mpp, allow_upsampling=args.allow_upsampling, workers=args.workers)
@@ -328,9 +351,10 @@ def cmd_compare(args) -> int:
 def cmd_import_teacher(args) -> int:
     from moma.engine.teacher_import import import_teacher, parse_floats
 
+    _refuse_existing_file(Path(args.out))
     classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
     meta = import_teacher(args.source, args.out, arch=args.arch, class_names=classes, features_only=args.features_only,
-                          image_size=args.image_size, mpp=args.mpp, mean=parse_floats(args.mean, "--mean"),
+                          image_size=args.image_size, mpp=args.model_mpp, mean=parse_floats(args.mean, "--mean"),
                           std=parse_floats(args.std, "--std"), embedding=args.embedding, layout=args.layout)
     kind = f"{meta.num_classes} classes ({', '.join(meta.class_names)})" if meta.class_names else "features only"
     known = f"{meta.config['foundation']} ({meta.config['source']}), " if "foundation" in meta.config else ""
@@ -344,6 +368,7 @@ def cmd_import_teacher(args) -> int:
 def cmd_export(args) -> int:
     from moma.engine.export import export_onnx
 
+    _refuse_existing_file(Path(args.out))
     report = export_onnx(args.checkpoint, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch)
     print(f"{report['arch']} ({report['classes']} classes, input {report['input_shape']}) -> {args.out}; "
           f"max |delta prob| vs PyTorch on a test batch: {report['max_prob_diff']:.2e}")
@@ -363,7 +388,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=lambda a: cmd_train(a, distill=False))
 
     distill = sub.add_parser("distill", help="train a student with a distillation method (--method, --teacher)")
-    _add_config_args(distill)
+    _add_config_args(distill, distill=True)
     pool = distill.add_argument_group("unlabelled tiles (the distillation terms see them, cross-entropy does not)")
     pool.add_argument("--unlabelled", action="append", default=[], metavar="SOURCE",
                       help="a folder of tiles, a manifest CSV, `moma tile` output, or 'rest' (repeatable; "
@@ -378,7 +403,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("data", help="folder of class sub-folders or manifest CSV")
     evaluate.add_argument("--split-file", help="evaluate one split of this split.csv (e.g. a run's)")
     evaluate.add_argument("--split", default="test", choices=["train", "val", "test"])
-    evaluate.add_argument("--mpp", type=float, help="microns per pixel of the data (checked against the model's)")
+    evaluate.add_argument("--data-mpp", type=_positive(float), metavar="UM",
+                          help="microns per pixel of the data (checked against the model's)")
     evaluate.add_argument("--out", help="a new output folder (default: evaluation, evaluation-2, ... in the run folder)")
     evaluate.add_argument("--batch-size", type=int, default=128)
     evaluate.add_argument("--device", default="auto")
@@ -394,7 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--device", default="auto")
     predict.add_argument("--skip-bad", action="store_true")
     slides = predict.add_argument_group("slides (tile size and mpp come from the checkpoint)")
-    slides.add_argument("--mpp", type=_positive(float), help="microns per pixel of the model's tiles, if the checkpoint lacks it")
+    slides.add_argument("--model-mpp", type=_positive(float), metavar="UM",
+                        help="microns per pixel of the model's training tiles, if the checkpoint lacks it")
     slides.add_argument("--heatmap-class", metavar="CLASS", help="also draw the probability of this class")
     _add_slide_args(slides, predicting=True)
     predict.set_defaults(func=cmd_predict)
@@ -413,7 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     labels.add_argument("--features-only", action="store_true",
                         help="drop the classifier: a teacher for feature methods (moma, crd, fitnet, ...)")
     imported.add_argument("--image-size", type=int, help="tile size in pixels the teacher expects (default: its config)")
-    imported.add_argument("--mpp", type=float, help="microns per pixel of the teacher's training tiles")
+    imported.add_argument("--model-mpp", type=_positive(float), metavar="UM",
+                          help="microns per pixel of the teacher's training tiles")
     imported.add_argument("--mean", help="normalisation mean, e.g. 0.485,0.456,0.406 (default: its config)")
     imported.add_argument("--std", help="normalisation std, e.g. 0.229,0.224,0.225 (default: its config)")
     imported.add_argument("--out", required=True, help="teacher checkpoint to write (.safetensors)")
@@ -430,7 +458,8 @@ def build_parser() -> argparse.ArgumentParser:
     tile.add_argument("inputs", nargs="+", metavar="SLIDE_OR_FOLDER")
     tile.add_argument("--out", required=True, help="output folder (re-running skips the tiles already there)")
     tile.add_argument("--tile-size", type=_positive(int), default=224, help="tile side in pixels (default 224)")
-    tile.add_argument("--mpp", type=_positive(float), default=0.5, help="microns per pixel of the tiles (default 0.5)")
+    tile.add_argument("--tile-mpp", type=_positive(float), default=0.5, metavar="UM",
+                      help="microns per pixel of the tiles written (default 0.5)")
     tile.add_argument("--annotations", metavar="DIR", help="folder of QuPath GeoJSON files <slide id>.geojson giving tile labels")
     tile.add_argument("--label-by", choices=["centre", "overlap"], default="centre",
                       help="a tile takes the class of the region holding its centre, or covering most of it")
@@ -451,7 +480,7 @@ def build_parser() -> argparse.ArgumentParser:
     methods.set_defaults(func=cmd_methods)
 
     config = sub.add_parser("config", help="print the effective config (defaults <- file <- overrides)")
-    _add_config_args(config)
+    _add_config_args(config, distill=True)
     config.set_defaults(func=cmd_config)
 
     compare = sub.add_parser("compare", help="run the paper's experiment grid: settings x methods x folds x seeds")

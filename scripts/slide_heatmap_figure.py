@@ -2,7 +2,7 @@
 a few epochs on the shipped LC25000 lung tiles (64 px; three classes), then `moma predict` on
 data/slides/CMU-1-Small-Region.svs, drawn small (palette PNG).
 
-The lung tiles' resolution is not published, so prediction is told ``--mpp 0.5``: tiles of 64 px
+The lung tiles' resolution is not published, so prediction is told ``--model-mpp 0.5``: tiles of 64 px
 read from the slide at its own 0.499 um/px. The model knows three lung classes and the slide is
 not lung: the figure shows what slide prediction writes (the class of every tissue tile over the
 thumbnail), not a diagnosis.
@@ -35,7 +35,7 @@ MPP = 0.5
 
 def train(folder: Path, epochs: int) -> Path:
     code = moma(["train", "--data", str(DATA), "--arch", "resnet10t", "--image-size", "64", "--epochs", str(epochs),
-                 "--output-dir", str(folder), "--name", "lung", "--device", "cpu", "--set", "train.progress=false",
+                 "--out", str(folder), "--name", "lung", "--device", "cpu", "--set", "train.progress=false",
                  "--set", "train.tensorboard=false"])
     if code != 0:
         raise SystemExit("training failed")
@@ -66,7 +66,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = train(Path(tmp) / "runs", args.epochs)
         predicted = Path(tmp) / "predicted"
-        if moma(["predict", str(checkpoint), str(SVS), "--out", str(predicted), "--mpp", str(MPP), "--device", "cpu"]) != 0:
+        if moma(["predict", str(checkpoint), str(SVS), "--out", str(predicted), "--model-mpp", str(MPP), "--device", "cpu"]) != 0:
             raise SystemExit("prediction failed")
         draw(predicted / f"{SVS.stem}.csv", args.out, args.colours)
         summary = pd.read_csv(predicted / "slides.csv").iloc[0]

@@ -35,7 +35,7 @@ def test_unknown_config_key(tmp_path):
 def test_corrupt_image(tmp_path):
     root = make_tile_folder(tmp_path / "d", per_class=4, manifest=False)
     (root / "tumour" / "bad.png").write_bytes(b"garbage")
-    result = moma("train", "--data", root, "--output-dir", tmp_path / "runs", *TINY)
+    result = moma("train", "--data", root, "--out", tmp_path / "runs", *TINY)
     assert_one_line_error(result, "bad.png: cannot read image")
     assert not (tmp_path / "runs" / "run").exists()  # a failed start leaves no run folder behind
 
@@ -59,7 +59,7 @@ def test_methods_lists_the_registry():
 
 def test_train_evaluate_predict_info_end_to_end(tmp_path):
     root = make_tile_folder(tmp_path / "d", per_class=12)
-    result = moma("train", "--data", root, "--output-dir", tmp_path / "runs", "--name", "cli", *TINY)
+    result = moma("train", "--data", root, "--out", tmp_path / "runs", "--name", "cli", *TINY)
     assert result.returncode == 0, result.stderr
     run = tmp_path / "runs" / "cli"
     assert f"run folder: {run}" in result.stdout

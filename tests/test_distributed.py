@@ -195,7 +195,7 @@ def _worker(mode: str, out: Path, argv: list[str]) -> int:
 
 def _distill_args(tiles: Path, teacher: Path, runs: Path, bf16: bool = False) -> list[str]:
     return ["distill", "--data", str(tiles), "--arch", "test_resnet", "--image-size", "32", "--epochs", "1",
-            "--batch-size", "8", "--method", "moma", "--teacher", str(teacher), "--output-dir", str(runs),
+            "--batch-size", "8", "--method", "moma", "--teacher", str(teacher), "--out", str(runs),
             "--set", "distill.params.queue_size=32", "--set", "train.progress=false",
             "--set", "train.tensorboard=false", "--set", "train.max_steps_per_epoch=2",
             "--set", "augment.randaugment=false", "--set", "data.val_fraction=0.25",

@@ -149,7 +149,7 @@ def tiny_grid(tmp_path, tiles) -> dict:
 def test_a_plugin_adds_a_metric_and_a_slide_reader_without_editing_the_package(toy_plugin, tmp_path, capsys):
     tiles = make_tile_folder(tmp_path / "tiles", classes=("tumour", "stroma"), per_class=12)
     # the metric: a run selects by it, reports it and logs it per epoch
-    assert cli.main(["train", "--data", str(tiles), "--output-dir", str(tmp_path / "runs"), "--name", "toy", *TINY,
+    assert cli.main(["train", "--data", str(tiles), "--out", str(tmp_path / "runs"), "--name", "toy", *TINY,
                      "--set", "train.select_metric=first_share", "--set", "data.mpp=0.5"]) == 0
     printed = capsys.readouterr().out
     assert "best epoch (by val first_share)" in printed
@@ -173,7 +173,7 @@ def test_a_plugin_adds_a_metric_and_a_slide_reader_without_editing_the_package(t
     with open(tmp_path / "slides" / "toy1.toyslide", "wb") as file:  # np.save on a path would add .npy
         np.save(file, pixels)
     assert cli.main(["tile", str(tmp_path / "slides"), "--out", str(tmp_path / "slide_tiles"), "--tile-size", "32",
-                     "--mpp", "0.5", "--workers", "1"]) == 0
+                     "--tile-mpp", "0.5", "--workers", "1"]) == 0
     assert len(pd.read_csv(tmp_path / "slide_tiles" / "manifest.csv")) == len(cells())
     assert cli.main(["predict", str(run), str(tmp_path / "slides"), "--out", str(tmp_path / "pred"), "--workers", "1"]) == 0
     assert len(pd.read_csv(tmp_path / "pred" / "toy1.csv")) == len(cells())

@@ -252,7 +252,7 @@ def test_a_foundation_teacher_distils_into_a_small_student(tmp_path, capsys):
     import_cli(capsys, hub_folder(tmp_path / "virchow2", model, config), teacher, "--image-size", "28")
     data = make_tile_folder(tmp_path / "tiles", per_class=8)
     code = main(["distill", "--data", str(data), "--method", "crd", "--teacher", str(teacher), "--arch", "test_resnet",
-                 "--image-size", "28", "--epochs", "1", "--batch-size", "8", "--output-dir", str(tmp_path / "runs"),
+                 "--image-size", "28", "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "runs"),
                  "--name", "student", "--set", "distill.params.nce_k=8", "--set", "data.num_workers=0",
                  "--set", "train.progress=false",
                  "--set", "train.tensorboard=false", "--set", "augment.randaugment=false"])

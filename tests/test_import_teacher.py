@@ -75,9 +75,9 @@ def test_a_timm_state_dict_imports_with_its_outputs(tmp_path, capsys, suffix):
         torch.save(model.state_dict(), weights)
     else:
         save_file(model.state_dict(), str(weights))
-    out = tmp_path / "teacher.safetensors"
+    out = tmp_path / "imported.safetensors"
     code, err = run_cli(capsys, "import-teacher", weights, "--arch", "test_resnet", "--classes", ",".join(CLASSES),
-                        "--image-size", "32", "--mpp", "0.5", "--mean", "0.7,0.6,0.7", "--std", "0.2,0.2,0.2", "--out", out)
+                        "--image-size", "32", "--model-mpp", "0.5", "--mean", "0.7,0.6,0.7", "--std", "0.2,0.2,0.2", "--out", out)
     assert code == 0, err
     meta = read_metadata(out)
     assert (meta.arch, meta.class_names, meta.image_size, meta.mpp) == ("test_resnet", CLASSES, 32, 0.5)
@@ -262,7 +262,7 @@ def test_features_only_teacher_serves_moma_and_crd_but_not_logit_methods(tmp_pat
     for method, params in (("moma", ["--set", "distill.params.queue_size=32"]), ("crd", ["--set", "distill.params.nce_k=16"])):
         out = tmp_path / "runs"
         code, err = run_cli(capsys, "distill", "--data", data, "--method", method, "--teacher", teacher,
-                            "--output-dir", out, "--name", method, *TINY, *params)
+                            "--out", out, "--name", method, *TINY, *params)
         assert code == 0, err
         metrics = json.loads((out / method / "metrics.json").read_text())
         assert 0.0 <= metrics["best"]["test"]["accuracy"] <= 1.0

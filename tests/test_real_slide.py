@@ -43,7 +43,7 @@ def test_tissue_covers_the_measured_share_of_the_slide():
 @pytest.mark.parametrize("mpp, tiles, box", [(0.5, 49, 224), (1.0, 11, 449)])
 def test_moma_tile_cuts_the_real_slide_at_two_resolutions(tmp_path, mpp, tiles, box):
     out = tmp_path / f"tiles-{mpp}"
-    assert main(["tile", str(SVS), "--out", str(out), "--tile-size", "224", "--mpp", str(mpp)]) == 0
+    assert main(["tile", str(SVS), "--out", str(out), "--tile-size", "224", "--tile-mpp", str(mpp)]) == 0
     manifest = pd.read_csv(out / "manifest.csv", dtype={"group": str})
     assert len(manifest) == tiles and set(manifest["group"]) == {SLIDE_ID}
     assert set(manifest["size"]) == {box}  # level-0 pixels per tile: 224 x mpp / 0.499
@@ -57,7 +57,7 @@ def test_moma_tile_cuts_the_real_slide_at_two_resolutions(tmp_path, mpp, tiles, 
 def test_predict_writes_table_heatmap_and_geojson_for_the_real_slide(tmp_path, capsys):
     checkpoint = write_teacher(tmp_path / "model.safetensors", ["benign", "tumour"])
     out = tmp_path / "pred"
-    assert main(["predict", str(checkpoint), str(SVS), "--out", str(out), "--mpp", "4.0"]) == 0
+    assert main(["predict", str(checkpoint), str(SVS), "--out", str(out), "--model-mpp", "4.0"]) == 0
     table = pd.read_csv(out / f"{SLIDE_ID}.csv")
     assert len(table) > 10 and {"prob_benign", "prob_tumour"} <= set(table.columns)
     assert (table[["prob_benign", "prob_tumour"]].sum(axis=1) - 1).abs().max() < 1e-4
@@ -69,6 +69,6 @@ def test_predict_writes_table_heatmap_and_geojson_for_the_real_slide(tmp_path, c
 
 def test_tiles_of_the_real_slide_are_an_unlabelled_pool_grouped_by_slide(tmp_path):
     out = tmp_path / "pool"
-    assert main(["tile", str(SVS), "--out", str(out), "--tile-size", "224", "--mpp", "0.5"]) == 0
+    assert main(["tile", str(SVS), "--out", str(out), "--tile-size", "224", "--tile-mpp", "0.5"]) == 0
     pool = scan_pool([str(out)], table=None, split=None, group_column="group")
     assert len(pool) == 49 and set(pool.groups) == {SLIDE_ID}

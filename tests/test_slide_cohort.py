@@ -162,6 +162,6 @@ def test_geojson_has_qupath_layout_and_moma_tile_reads_it_back(checkpoint, slide
     # The predictions as annotations: every tile of the same grid is labelled with its prediction.
     tiled = tmp_path / "tiles"
     assert main(["tile", str(slide), "--out", str(tiled), "--annotations", str(tmp_path / "p"), "--tile-size", "32",
-                 "--mpp", "0.5"]) == 0
+                 "--tile-mpp", "0.5"]) == 0
     manifest = pd.read_csv(tiled / "manifest.csv").merge(table, on=["x", "y"])
     assert len(manifest) == len(table) and (manifest["label"] == manifest["prediction"]).all()

@@ -146,7 +146,7 @@ def test_a_plugin_registers_a_toy_reader_that_tiling_and_prediction_use(toy_plug
     assert collect_slides([tmp_path / "slides"]) == [tmp_path / "slides" / "toy1.toyslide"]
 
     out = tmp_path / "tiles"
-    assert main(["tile", str(tmp_path / "slides"), "--out", str(out), "--tile-size", "32", "--mpp", "0.5",
+    assert main(["tile", str(tmp_path / "slides"), "--out", str(out), "--tile-size", "32", "--tile-mpp", "0.5",
                  "--workers", "2"]) == 0
     manifest = pd.read_csv(out / "manifest.csv")
     assert sorted(zip(manifest["y"] // CELL, manifest["x"] // CELL)) == sorted(cells())

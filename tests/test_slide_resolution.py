@@ -48,14 +48,14 @@ def test_a_coarser_slide_is_refused_unless_upsampling_is_asked_for(model, tmp_pa
     one_line_error(capsys, ["predict", str(model), str(slide), "--out", str(tmp_path / "refused")],
                    "coarse.tif is scanned at 2 um/px, coarser than the model's 0.5 um/px")
     assert not (tmp_path / "refused").exists()
-    one_line_error(capsys, ["tile", str(slide), "--out", str(tmp_path / "tiles"), "--tile-size", "32", "--mpp", "0.5"],
-                   "coarser than the 0.5 um/px asked for (--mpp): its tiles would be upsampled; tile at the slide's "
+    one_line_error(capsys, ["tile", str(slide), "--out", str(tmp_path / "tiles"), "--tile-size", "32", "--tile-mpp", "0.5"],
+                   "coarser than the 0.5 um/px asked for (--tile-mpp): its tiles would be upsampled; tile at the slide's "
                    "resolution or coarser, or pass --allow-upsampling")
     assert not (tmp_path / "tiles").exists()
 
     summary = predict(model, slide, tmp_path / "pred", "--allow-upsampling")
     assert summary[READ_COLUMNS].tolist() == pytest.approx([2.0, 0, 2.0, 0.5, 4.0])
-    assert main(["tile", str(slide), "--out", str(tmp_path / "tiles"), "--tile-size", "32", "--mpp", "0.5",
+    assert main(["tile", str(slide), "--out", str(tmp_path / "tiles"), "--tile-size", "32", "--tile-mpp", "0.5",
                  "--allow-upsampling"]) == 0
-    assert main(["tile", str(slide), "--out", str(tmp_path / "tiles-2"), "--tile-size", "32", "--mpp", "2"]) == 0
+    assert main(["tile", str(slide), "--out", str(tmp_path / "tiles-2"), "--tile-size", "32", "--tile-mpp", "2"]) == 0
     assert set(pd.read_csv(tmp_path / "tiles-2" / "manifest.csv")["size"]) == {32}  # at its own resolution: as it is

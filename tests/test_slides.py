@@ -21,7 +21,7 @@ from slide_helpers import (CELL, CLASSES, LAYOUT, cells, damaged_copy, layout_an
                            write_slide)
 
 # Tiles of 32 px at 0.5 um/px on a 0.25 um/px slide: one layout cell per tile, read from level 1.
-TILE = ["--tile-size", "32", "--mpp", "0.5"]
+TILE = ["--tile-size", "32", "--tile-mpp", "0.5"]
 
 
 @pytest.fixture(scope="module")
@@ -155,8 +155,8 @@ def test_predict_slide_errors(slide, tmp_path, capsys):
     out = ["--out", str(tmp_path / "p")]
     one_line_error(capsys, ["predict", str(ckpt), str(slide), *out], "does not record the microns per pixel")
     (tmp_path / "notes.txt").write_text("hello")
-    one_line_error(capsys, ["predict", str(ckpt), str(tmp_path / "notes.txt"), "--mpp", "0.5", *out], "is not a slide")
-    one_line_error(capsys, ["predict", str(ckpt), str(slide), "--mpp", "0.5", "--heatmap-class", "fat", *out],
+    one_line_error(capsys, ["predict", str(ckpt), str(tmp_path / "notes.txt"), "--model-mpp", "0.5", *out], "is not a slide")
+    one_line_error(capsys, ["predict", str(ckpt), str(slide), "--model-mpp", "0.5", "--heatmap-class", "fat", *out],
                    "--heatmap-class fat: not a class")
 
 
@@ -173,7 +173,7 @@ def test_tile_train_predict_end_to_end(tmp_path):
     assert "3 slide(s): 153 tiles (153 written, 0 already there)" in tiled.stdout
 
     trained = moma("train", "--data", tmp_path / "tiles", "--arch", "test_resnet", "--image-size", "32", "--epochs", "5",
-                   "--batch-size", "16", "--output-dir", tmp_path / "runs", "--name", "slides", "--set", "data.mpp=0.5",
+                   "--batch-size", "16", "--out", tmp_path / "runs", "--name", "slides", "--set", "data.mpp=0.5",
                    "--set", "data.val_fraction=0.34", "--set", "data.test_fraction=0", "--set", "train.progress=false",
                    "--set", "train.tensorboard=false", "--set", "augment.randaugment=false")
     assert trained.returncode == 0, trained.stderr

@@ -209,7 +209,7 @@ def test_a_corrupt_pool_tile_is_a_one_line_error_without_skip_bad(tile_folder, t
     out = subprocess.run(
         [sys.executable, "-m", "moma", "distill", "--data", tile_folder, "--method", "kd", "--teacher", teacher,
          "--unlabelled", folder, "--arch", "test_resnet", "--image-size", "32", "--epochs", "1",
-         "--output-dir", tmp_path / "runs", "--set", "augment.randaugment=false", "--set", "data.train_per_class=3",
+         "--out", tmp_path / "runs", "--set", "augment.randaugment=false", "--set", "data.train_per_class=3",
          "--set", "distill.student_init=scratch", "--set", "train.progress=false", "--set", "train.tensorboard=false"],
         capture_output=True, text=True, cwd=ROOT)
     assert out.returncode != 0

@@ -253,7 +253,7 @@ def tile_slides(slides: list[Path], out: Path, options: TilingOptions) -> Tiling
     """Tile every slide into ``out``; tiles already on disk are not read or written again."""
     out = Path(out)
     if not options.allow_upsampling:
-        refuse_upsampling(slides, options.mpp, options.slide_mpp, f"the {options.mpp:g} um/px asked for (--mpp)",
+        refuse_upsampling(slides, options.mpp, options.slide_mpp, f"the {options.mpp:g} um/px asked for (--tile-mpp)",
                           "tile at the slide's resolution or coarser")
     _check_params(out, options)
     summary = TilingSummary(manifest=out / MANIFEST_NAME)

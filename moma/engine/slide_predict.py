@@ -69,7 +69,7 @@ def _model_mpp(meta: ModelMetadata, checkpoint: str | Path, override: float | No
         return override
     if not meta.mpp:
         raise CheckpointError(f"checkpoint {checkpoint} does not record the microns per pixel of its tiles "
-                              "(trained without data.mpp); pass --mpp")
+                              "(trained without data.mpp); pass --model-mpp")
     return float(meta.mpp)
 
 
