@@ -113,7 +113,7 @@ def test_resume_honours_the_flags_that_make_sense_and_refuses_the_others(tile_fo
 
 def test_config_checks_the_methods_parameters():
     result = moma("config", "--method", "moma", "--set", "distill.params.queue_sise=64")
-    assert_one_line_error(result, "unknown config key 'distill.params.queue_sise' (method 'moma' takes: preset, momentum,")
+    assert_one_line_error(result, "unknown config key 'distill.params.queue_sise' (method 'moma' takes: preset, keys, momentum,")
     assert_one_line_error(moma("config", "--method", "kdd"), "distill.method 'kdd' is unknown")
     shown = moma("config", "--method", "moma", "--set", "distill.params.queue_size=64")
     assert shown.returncode == 0 and "queue_size: 64" in shown.stdout
