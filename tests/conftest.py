@@ -56,6 +56,23 @@ def write_tile(path: Path, colour, size: int = 32, seed: int = 0, mode: str = "R
     image.save(path)
 
 
+LUNG = Path(__file__).resolve().parents[1] / "data" / "demo" / "lc25000_lung"
+
+
+@pytest.fixture(scope="session")
+def lung_subset(tmp_path_factory) -> Path:
+    """A manifest of the first 96 shipped LC25000 lung tiles of each class (absolute paths): real H&E
+    tiles for the tests whose diagnostics need real images."""
+    import pandas as pd
+
+    table = pd.read_csv(LUNG / "manifest.csv")
+    subset = table.groupby("label", group_keys=False).head(96)[["path", "label"]]
+    subset["path"] = [str(LUNG / p) for p in subset["path"]]
+    path = tmp_path_factory.mktemp("lung") / "manifest.csv"
+    subset.to_csv(path, index=False)
+    return path
+
+
 def make_tile_folder(root: Path, classes=("tumour", "stroma", "immune"), per_class: int = 24, size: int = 32,
                      patients_per_class: int = 4, manifest: bool = True) -> Path:
     """A class-per-folder tile set, plus a manifest.csv with a patient ``group`` column."""

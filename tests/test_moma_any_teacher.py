@@ -17,20 +17,8 @@ from moma.engine.builder import build_task
 from moma.engine.runs import run_training
 from conftest import write_teacher
 
-LUNG = Path(__file__).resolve().parents[1] / "data" / "demo" / "lc25000_lung"
 CLASSES = ["lung_aca", "lung_n", "lung_scc"]
-PER_CLASS = 96
 BATCH = 24
-
-
-@pytest.fixture(scope="module")
-def lung_subset(tmp_path_factory) -> Path:
-    table = pd.read_csv(LUNG / "manifest.csv")
-    subset = table.groupby("label", group_keys=False).head(PER_CLASS)[["path", "label"]]
-    subset["path"] = [str(LUNG / p) for p in subset["path"]]
-    path = tmp_path_factory.mktemp("lung") / "manifest.csv"
-    subset.to_csv(path, index=False)
-    return path
 
 
 def lung_config(make_config, manifest, out: Path, arch: str, epochs: int, **distill):

@@ -12,19 +12,6 @@ import pytest
 from moma.engine.runs import run_training
 from conftest import write_teacher
 
-LUNG = Path(__file__).resolve().parents[1] / "data" / "demo" / "lc25000_lung"
-PER_CLASS = 96
-
-
-@pytest.fixture(scope="module")
-def lung_subset(tmp_path_factory) -> Path:
-    """A manifest of the first PER_CLASS lung tiles of each class (paths relative to it)."""
-    table = pd.read_csv(LUNG / "manifest.csv")
-    subset = table.groupby("label", group_keys=False).head(PER_CLASS)[["path", "label"]]
-    subset["path"] = [str(LUNG / p) for p in subset["path"]]
-    path = tmp_path_factory.mktemp("lung") / "manifest.csv"
-    subset.to_csv(path, index=False)
-    return path
 
 
 def train_moma(tmp_path, make_config, manifest, **params):
