@@ -61,17 +61,22 @@ def contrast_diagnostics(query: torch.Tensor, positive: torch.Tensor, negatives:
     within the batch (1 = every sample maps to the same vector); in-batch retrieval, the share of
     queries whose best-scoring positive key is their own (chance 1/N); the mean query norm."""
     with torch.no_grad():
-        n = query.shape[0]
-        scores = query.float() @ positive.float().t()
-        retrieval = (scores.argmax(dim=1) == torch.arange(n, device=query.device)).float().mean()
         return {
             "nce_chance": torch.log(torch.as_tensor(negatives, dtype=torch.float32, device=query.device) + 1).mean(),
             "nce_query_cos": mean_pairwise_cosine(query),
             "nce_key_cos": mean_pairwise_cosine(positive),
-            "nce_retrieval": retrieval,
+            "nce_retrieval": in_batch_retrieval(query, positive),
             "nce_query_norm": query.float().norm(dim=1).mean(),
             "nce_agreement": key_agreement(query, positive),
         }
+
+
+def in_batch_retrieval(query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+    """Share of queries whose highest-scoring key among the batch's keys is their own (row i of
+    ``keys``); chance 1/N. Logged, never back-propagated."""
+    with torch.no_grad():
+        scores = query.float() @ keys.float().t()
+        return (scores.argmax(dim=1) == torch.arange(len(query), device=query.device)).float().mean()
 
 
 def mean_pairwise_cosine(x: torch.Tensor) -> torch.Tensor:

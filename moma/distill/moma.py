@@ -37,15 +37,14 @@ from dataclasses import dataclass
 from typing import Annotated, Literal
 
 import torch
-import torch.nn.functional as F
 from pydantic import Field, model_validator
 from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from moma.distill.base import Batch, DistillMethod, MethodContext, MethodParams
 from moma.distill.batch_attention import AttentionWiring, BatchAttentionBlock
-from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast_diagnostics, infonce_loss,
-                                   mean_pairwise_cosine)
+from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast_diagnostics, in_batch_retrieval,
+                                   infonce_loss)
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
@@ -573,13 +572,9 @@ class MoMA(DistillMethod):
     def _attention_diagnostics(self, embedded: torch.Tensor, positive: torch.Tensor) -> dict[str, torch.Tensor]:
         """What the batch attention adds: in-batch retrieval before it (compare nce_retrieval, after
         it) and the mean absolute gain of its residual branch (0 = the attention is switched off)."""
-        with torch.no_grad():
-            n = embedded.shape[0]
-            scores = F.normalize(embedded.float(), dim=1) @ positive.float().t()
-            before = (scores.argmax(dim=1) == torch.arange(n, device=scores.device)).float().mean()
-            gain = getattr(self.atts_q, "gain", None)
-            gain = gain.detach().abs().mean() if gain is not None else torch.tensor(float("nan"), device=scores.device)
-            return {"nce_retrieval_pre_attention": before, "attention_gain": gain}
+        gain = getattr(self.atts_q, "gain", None)
+        gain = gain.detach().abs().mean() if gain is not None else torch.tensor(float("nan"), device=embedded.device)
+        return {"nce_retrieval_pre_attention": in_batch_retrieval(embedded, positive), "attention_gain": gain}
 
     def after_step(self) -> None:
         self.queue.commit()
