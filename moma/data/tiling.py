@@ -103,9 +103,14 @@ def refuse_upsampling(slides: list[Path], mpp: float, slide_mpp: float | None, t
     checked before any work, so a refusal never comes after hours of tiling or prediction."""
     for path in slides:
         with Slide(path, slide_mpp) as slide:
-            if upsamples(slide.mpp, mpp):
-                raise DataError(f"slide {path} is scanned at {slide.mpp:g} um/px, coarser than {target}: its tiles "
-                                f"would be upsampled; {remedy}, or pass --allow-upsampling")
+            check_upsampling(path, slide.mpp, mpp, target, remedy)
+
+
+def check_upsampling(path: Path, scanned_mpp: float, mpp: float, target: str, remedy: str) -> None:
+    """The one-line DataError of :func:`refuse_upsampling` for one slide scanned at ``scanned_mpp``."""
+    if upsamples(scanned_mpp, mpp):
+        raise DataError(f"slide {path} is scanned at {scanned_mpp:g} um/px, coarser than {target}: its tiles "
+                        f"would be upsampled; {remedy}, or pass --allow-upsampling")
 
 
 def plan_tiles(slide: Slide, tile_size: int, mpp: float, min_tissue: float = 0.5) -> TilePlan:

@@ -25,7 +25,7 @@ from scipy import ndimage
 
 from moma.data.slide_dataset import SlideTileBatches
 from moma.data.slides import Slide, slide_id
-from moma.data.tiling import TilePlan, plan_tiles, refuse_upsampling
+from moma.data.tiling import TilePlan, check_upsampling, plan_tiles
 from moma.engine.checkpoint import ModelMetadata
 from moma.engine.inference import eval_transform, load_classifier
 from moma.engine.slide_cohort import (DONE, SKIPPED, SLIDES_NAME, file_sha256, finished, model_file, resume_rows,
@@ -88,10 +88,11 @@ def _predict_cohort(model: torch.nn.Module, meta: ModelMetadata, checkpoint: str
     mpp = _model_mpp(meta, checkpoint, options.mpp)
     if options.heatmap_class is not None and options.heatmap_class not in meta.class_names:
         raise DataError(f"--heatmap-class {options.heatmap_class}: not a class of the model ({', '.join(meta.class_names)})")
-    unopenable = _unopenable(slides, options.slide_mpp)
+    resolutions, unopenable = _survey(slides, options.slide_mpp)
     if not options.allow_upsampling:
-        refuse_upsampling([s for s in slides if s not in unopenable], mpp, options.slide_mpp, f"the model's {mpp:g} um/px",
-                          f"predict on a scan at {mpp:g} um/px or finer (or with a model trained at the slide's resolution)")
+        for path, scanned in resolutions.items():
+            check_upsampling(path, scanned, mpp, f"the model's {mpp:g} um/px", f"predict on a scan at {mpp:g} um/px or "
+                             "finer (or with a model trained at the slide's resolution)")
     out_dir.mkdir(parents=True, exist_ok=True)
     params = {"model_sha256": file_sha256(model_file(checkpoint)), "tile_size": meta.image_size, "mpp": mpp,
               "slide_mpp": options.slide_mpp, "min_tissue": options.min_tissue}
@@ -113,15 +114,17 @@ def _predict_cohort(model: torch.nn.Module, meta: ModelMetadata, checkpoint: str
     return write_summary(out_dir, rows, meta.class_names)
 
 
-def _unopenable(slides: list[Path], slide_mpp: float | None) -> dict[Path, str]:
-    """Slides that cannot be opened (damaged, truncated, no resolution), with the reason."""
-    reasons = {}
+def _survey(slides: list[Path], slide_mpp: float | None) -> tuple[dict[Path, float], dict[Path, str]]:
+    """Every slide opened once before any work: the um/px of each that opens, and the reason for
+    each that cannot be opened (damaged, truncated, no resolution)."""
+    resolutions, reasons = {}, {}
     for path in slides:
         try:
-            Slide(path, slide_mpp).close()
+            with Slide(path, slide_mpp) as slide:
+                resolutions[path] = slide.mpp
         except DataError as exc:
             reasons[path] = _one_line(str(exc))
-    return reasons
+    return resolutions, reasons
 
 
 def _one_line(message: str) -> str:
