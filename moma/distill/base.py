@@ -74,7 +74,7 @@ class MethodContext:
     teacher_num_classes: int | None
     num_train_samples: int  # rows the batch index can take: labelled training tiles + unlabelled pool
     same_label_space: bool
-    kl_weight: float | None = None  # weight of the task's shared KL term (None: not known)
+    kl_weight: float = 0.0  # weight of the task's shared KL term, decided once by the builder (engine.builder)
     batch_size: int | None = None  # samples per step in one process, pool tiles included (SemCKD embeds batch similarities)
     train_targets: torch.Tensor | None = None  # class of each row, UNLABELLED for pool rows (CRD draws negatives of other classes)
     num_unlabelled: int = 0  # tiles in the unlabelled pool (rows num_train_samples - num_unlabelled ..)

@@ -284,8 +284,7 @@ class MoMA(DistillMethod):
         self.loss_weights = {"nce": params.beta}
 
         self._log_memory_turnover(ctx.batch_size)
-        kl_weight = ctx.kl_weight if ctx.kl_weight is not None else (1.0 if ctx.same_label_space else 0.0)
-        self._separate_logits_pass = kl_weight > 0 and not params.single_teacher_pass
+        self._separate_logits_pass = bool(ctx.kl_weight) and not params.single_teacher_pass
         if params.overridden():
             log.info("moma: preset %s with %s", params.preset,
                      ", ".join(f"{k}={v}" for k, v in params.overridden().items()))
@@ -301,8 +300,7 @@ class MoMA(DistillMethod):
     def _build_momentum_teacher(self, ctx: MethodContext, in_dim: int, block: dict) -> None:
         """The paper's key encoder: the teacher becomes an EMA of the student, with its own key head
         and key attention."""
-        teacher, params = self._teacher_model, self.params
-        _check_same_architecture(self._student_model, teacher)
+        teacher, params = self._teacher_model, self.params  # same architecture: checked by the builder
         if not ctx.same_label_space:
             _match_teacher_classifier(teacher, ctx.num_classes)
         self._classifier = _classifier_names(teacher)
@@ -438,7 +436,7 @@ class MoMA(DistillMethod):
         official-code preset) the KL logits come from a separate pass *before* the update, as in
         the code; otherwise from the key pass (a teacher one update further along)."""
         if self.key_source == "teacher":
-            return self._frozen_teacher_pass(teacher, images)
+            return super().teacher_forward(teacher, images)  # the plain pass, then from_teacher_outputs
         before_update = None
         if self._separate_logits_pass:
             bn_train = self.training and self.params.kl_teacher_bn == "train"
@@ -451,17 +449,21 @@ class MoMA(DistillMethod):
             key_pass.logits = before_update.logits
         return key_pass
 
-    def _frozen_teacher_pass(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
-        """The frozen teacher (eval mode, set by the task) once: its logits for the KL term, its pooled
-        features for the key head, and the memory's keys from the head's EMA copy."""
+    def teacher_pass_is_plain(self) -> bool:
+        """Keys from the frozen teacher need only its plain outputs, so a teacher cache serves them."""
+        return self.key_source == "teacher"
+
+    def from_teacher_outputs(self, outputs: TapOutputs) -> KeyPass:
+        """Keys from the frozen teacher (eval mode, set by the task), from its plain outputs, live or
+        read from a teacher cache: its logits for the KL term, its pooled features for the key head,
+        and the memory's keys from the head's EMA copy (updated first, as before the teacher pass)."""
         if self.training:
             self.momentum_update()
         with torch.no_grad():
-            out = teacher(images)
-            features = pooled_features(teacher.model, out).float()
-            with torch.autocast(images.device.type, enabled=False):
+            features = pooled_features(self._teacher_model, outputs).float()
+            with torch.autocast(features.device.type, enabled=False):
                 keys = self.key_head_m(features)
-        return KeyPass(logits=out.logits, embedding=features, keys=keys)
+        return KeyPass(logits=outputs.logits, embedding=features, keys=keys)
 
     def _key_pass(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
         """L2-normalised keys ``embed_t(f_t)`` with the teacher's outputs, in the batch's order.
@@ -620,19 +622,6 @@ class MoMA(DistillMethod):
 NO_SIGNAL_AGREEMENT = 0.02  # a trained teacher gives 0.1-0.3 after a few epochs on the shipped tiles, a random one 0.00
 SHORTCUT_SHARE = 0.01  # L_NCE below 1 % of ln(K+1): a shortcut
 UNINFORMATIVE_SHARE = 0.95  # above 95 %: no per-sample signal
-
-
-def _check_same_architecture(student: nn.Module, teacher: nn.Module) -> None:
-    """The teacher is an EMA of the student's weights, so both must have the same layers."""
-    skip_s, skip_t = _classifier_names(student), _classifier_names(teacher)
-    shapes_s = {n: tuple(p.shape) for n, p in student.named_parameters() if n not in skip_s}
-    shapes_t = {n: tuple(p.shape) for n, p in teacher.named_parameters() if n not in skip_t}
-    if type(student) is not type(teacher) or shapes_s != shapes_t:
-        raise ConfigError(
-            f"distill.method 'moma' needs a teacher of the student's architecture, because the teacher becomes a "
-            f"momentum (EMA) average of the student's weights (teacher: {_arch_name(teacher)}, student: "
-            f"{_arch_name(student)}); set model.arch={_arch_name(teacher)} or choose another method"
-        )
 
 
 def _match_teacher_classifier(teacher: nn.Module, num_classes: int) -> None:
