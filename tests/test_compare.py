@@ -27,9 +27,10 @@ from scipy import stats as scipy_stats
 from conftest import load_script, make_tile_folder
 from moma.compare import run_compare
 from moma.compare.config import load_compare_config
-from moma.compare.grid import choose_out_dir, config_differences, train_or_resume
 from moma.compare.holdout import write_holdout_manifests
+from moma.compare.plan import choose_out_dir, config_differences
 from moma.compare.stats import add_ranks, average_ranks, compare_with_baseline, paired_difference, verdict, wilcoxon_p
+from moma.compare.training import train_or_resume
 from moma.engine.checkpoint import load_model_checkpoint, save_model_checkpoint
 from moma.errors import ConfigError
 
@@ -438,7 +439,8 @@ def test_holdout_splits_patients_into_disjoint_parts(tmp_path):
 def test_holdout_patients_are_removed_from_every_setting_with_that_target(tmp_path):
     """The paper keeps the target fixed across settings: with a same-task teacher holding out
     patients, the relevant-task students use the same student patients."""
-    from moma.compare.grid import Grid
+    from moma.compare.plan import GridPlan
+    from moma.compare.teachers import prepare_holdouts
 
     target = make_tile_folder(tmp_path / "target", per_class=8, patients_per_class=4)
     other = make_tile_folder(tmp_path / "other", classes=("immune", "fat"), per_class=8)
@@ -447,13 +449,13 @@ def test_holdout_patients_are_removed_from_every_setting_with_that_target(tmp_pa
     tree["settings"]["relevant"] = {"teacher": "o", "data": {"source": str(target)}}
     tree["settings"]["elsewhere"] = {"teacher": "o", "data": {"source": str(other)}}
     cfg = load_compare_config(write_yaml(tmp_path / "c.yaml", tree))
-    grid = Grid(cfg, tmp_path / "out")
-    grid.prepare_holdouts()
+    grid = GridPlan(cfg, tmp_path / "out")
+    prepare_holdouts(grid)
     sources = {cell.setting: grid.cell_config(cell).data.source for cell in grid.cells()}
-    student_part = str(grid._holdout_paths("t")[1])
+    student_part = str(grid.holdout_paths("t")[1])
     assert sources["same"] == sources["relevant"] == student_part
     assert sources["elsewhere"] == str(other.resolve())
-    assert grid.teacher_config("t").data.source == str(grid._holdout_paths("t")[0])
+    assert grid.teacher_config("t").data.source == str(grid.holdout_paths("t")[0])
 
 
 def test_holdout_needs_patient_ids(tmp_path):
@@ -660,7 +662,7 @@ def test_teacher_agreement_is_one_for_the_teacher_s_own_predictions_and_zero_for
 
 
 def test_shards_are_disjoint_deterministic_and_cover_the_grid():
-    from moma.compare.grid import Cell, parse_shard, shard_cells
+    from moma.compare.plan import Cell, parse_shard, shard_cells
 
     cells = [Cell("s", m, k, 0) for k in range(3) for m in ("a", "b", "c")]
     shares = [shard_cells(cells, k, 3) for k in (1, 2, 3)]

@@ -258,7 +258,8 @@ def test_resume_with_a_pool_gives_identical_weights(tile_folder, make_config, te
 
 def test_compare_runs_each_pool_using_method_with_and_without_the_pool(tmp_path, tile_folder):
     from moma.compare.config import build_compare_config
-    from moma.compare.grid import Cell, Grid
+    from moma.compare.grid import Grid
+    from moma.compare.plan import Cell
 
     cfg = build_compare_config({
         "base": {"data": {"source": str(tile_folder), "image_size": 32}, "model": {"arch": "test_resnet"}},

@@ -18,11 +18,14 @@ from pathlib import Path
 import yaml
 
 from moma.compare.config import CompareConfig, load_compare_config
-from moma.compare.grid import COMPARE_CONFIG_NAME, Grid, GridRun, choose_out_dir, grid_logging, parse_shard, shard_cells
+from moma.compare.grid import Grid, GridRun
+from moma.compare.grid_log import grid_logging
 from moma.compare.locks import exclusive, lock_path
+from moma.compare.plan import COMPARE_CONFIG_NAME, choose_out_dir, parse_shard, shard_cells
 from moma.compare.report import ReportContext, write_grid_report
 from moma.compare.results import RESULTS_NAME, build_results, failures
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, PENDING
+from moma.compare.teachers import prepare_teachers
 from moma.errors import ConfigError
 from moma.utils.io import atomic_write_text
 
@@ -84,13 +87,13 @@ def report_only(config_path: str | Path, overrides: list[str] | None = None, out
     (e.g. while shards are still running, or after the last one ended)."""
     cfg = load_compare_config(config_path, overrides)
     out = Path(out_dir) if out_dir else Path(cfg.output_dir) / cfg.name
-    if not (out / "compare.yaml").is_file():
+    if not (out / COMPARE_CONFIG_NAME).is_file():
         raise ConfigError(f"{out} is not a compare folder (no compare.yaml): run the grid first, or name it with --out")
     grid = Grid(cfg, out)
     run = GridRun(grid.cells())
     grid.check_existing_runs(run.cells)
     with grid_logging(out):
-        grid.prepare_teachers(train=False)
+        grid.teachers = prepare_teachers(grid, train=False)
         grid.classify(run)
         write_outputs(cfg, out, run, command_line(config_path, overrides, out_dir, True, report_only=True), grid)
         counts = {s: sum(o.status == s for o in run.outcomes.values()) for s in (DONE, FAILED, NOT_APPLICABLE, PENDING)}

@@ -13,9 +13,9 @@ import numpy as np  # noqa: E402
 import pandas as pd  # noqa: E402
 
 from moma.compare.config import ALL, POOL_SEPARATOR, CompareConfig  # noqa: E402
-from moma.compare.grid import TeacherInfo  # noqa: E402
 from moma.compare.results import COST_COLUMNS  # noqa: E402
 from moma.compare.status import DONE, FAILED, NOT_APPLICABLE, STATUSES, failure_rows  # noqa: E402
+from moma.compare.teachers import TeacherInfo  # noqa: E402
 from moma.config import build_config  # noqa: E402
 from moma.compare.stats import (  # noqa: E402
     add_ranks,

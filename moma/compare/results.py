@@ -9,7 +9,8 @@ from pathlib import Path
 import pandas as pd
 
 from moma.compare.config import ALL, CompareConfig
-from moma.compare.grid import EXTERNAL_DIR, Cell, GridRun
+from moma.compare.grid import EXTERNAL_DIR, GridRun
+from moma.compare.plan import Cell
 from moma.compare.status import DONE, NOT_APPLICABLE, failure_rows
 from moma.errors import DataError
 from moma.engine.layout import ENVIRONMENT_NAME, EVAL_TAG, METRICS_NAME, report_file
