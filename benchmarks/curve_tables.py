@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from moma.compare.report import _ci, _mean_std, _p
+from moma.compare.report_tables import _ci, _mean_std, _p
 from moma.compare.results import read_results
 from moma.compare.stats import compare_with_baseline, done_rows
 from moma.errors import DataError

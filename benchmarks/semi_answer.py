@@ -28,7 +28,7 @@ import numpy as np
 import pandas as pd
 
 from moma.compare.config import POOL_SEPARATOR
-from moma.compare.report import _ci, _p
+from moma.compare.report_tables import _ci, _p
 from moma.compare.results import read_results
 from moma.compare.stats import PAIR_KEYS, done_rows, paired_difference, paired_differences
 from moma.errors import DataError

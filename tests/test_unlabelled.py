@@ -287,7 +287,7 @@ def test_a_pool_key_set_by_hand_in_a_compare_setting_is_refused(tile_folder):
 
 
 def test_a_pool_entry_is_drawn_dashed_in_its_method_s_colour():
-    from moma.compare.report import curve_style
+    from moma.compare.report_plots import curve_style
 
     colours = {"kd": (1, 0, 0, 1), "none": (0, 0, 1, 1)}
     plain, pooled = curve_style("kd", colours), curve_style("kd+rest", colours)
