@@ -85,10 +85,23 @@ class DataConfig(Section):
         None, description="match every tile's stain to a reference tile before augmentation: {method, reference}; "
         "recorded in the checkpoint and ONNX export, and applied by predict and evaluate (None = off)")
     skip_bad: bool = False
-    cache: bool | Literal["auto"] = Field(
-        "auto", description="decode every tile once and keep it in memory; auto: only when the decoded labelled tiles "
-        "fit a quarter of the machine's memory (the decision is logged)")
+    cache: Literal["auto", "memory", "disk", "off"] = Field(
+        "auto", description="where decoded tiles are kept. memory: every labelled tile decoded once per run, in "
+        "memory; disk: every tile decoded once into a uint8 tile store on disk under tile_store_dir, reused by later "
+        "runs and every grid cell (the unlabelled pool too); off: decoded on every read; auto: memory while the "
+        "decoded labelled tiles fit a quarter of the machine's memory, else disk while they fit half the free disk "
+        "space there, else off (the decision is logged). true/false (earlier configs) mean memory/off")
+    tile_store_dir: str | None = Field(
+        None, description="where data.cache=disk keeps its tile stores (one per data source and image size); "
+        "default: $XDG_CACHE_HOME/moma/tile_store, else ~/.cache/moma/tile_store")
     num_workers: int | Literal["auto"] = "auto"
+
+    @field_validator("cache", mode="before")
+    @classmethod
+    def _cache_from_bool(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # configs saved before memory/disk/off: true kept tiles in memory
+            return "memory" if value else "off"
+        return value.strip().lower() if isinstance(value, str) else value
 
     @field_validator("unlabelled", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import pytest
 
 from conftest import make_tile_folder
 from moma.cli import build_parser, main
-from moma.data.dataset import TileDataset, choose_cache, reset_size_warning
+from moma.data.dataset import TileDataset, choose_storage, reset_size_warning
 from moma.data.tiles import scan_tiles
 from slide_helpers import make_slide
 
@@ -64,14 +64,15 @@ def test_tile_within_twice_the_size_is_resized_silently(tmp_path, caplog):
     assert not [r for r in caplog.records if "data.image_size" in r.getMessage()]
 
 
-def test_cache_auto_caches_only_what_fits_the_budget(caplog):
+def test_cache_auto_keeps_tiles_in_memory_then_on_disk_then_nowhere_as_budgets_allow(caplog):
     tile = 3 * 224 * 224
     with caplog.at_level(logging.INFO, logger="moma.data.dataset"):
-        assert choose_cache("auto", 1000, 224, budget=1000 * tile)
-        assert not choose_cache("auto", 1001, 224, budget=1000 * tile)
-        assert not choose_cache("auto", 10, 224, budget=None)
-    assert len([r for r in caplog.records if "data.cache=auto" in r.getMessage()]) == 3
-    assert choose_cache(True, 10**9, 224, budget=0) and not choose_cache(False, 1, 8, budget=10**12)
+        assert choose_storage("auto", 1000, 224, 1000 * tile, 0) == "memory"
+        assert choose_storage("auto", 1001, 224, 1000 * tile, 2000 * tile) == "disk"
+        assert choose_storage("auto", 2001, 224, 1000 * tile, 2000 * tile) == "off"
+        assert choose_storage("auto", 10, 224, None, None) == "off"
+    assert len([r for r in caplog.records if "data.cache=auto" in r.getMessage()]) == 4
+    assert choose_storage("memory", 10**9, 224, 0, 0) == "memory" and choose_storage("off", 1, 8, 10**12, 0) == "off"
 
 
 def refused(capsys, argv: list[str], fragment: str) -> None:

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 from moma.distill import get_method
 from moma.distill.base import Batch
-from moma.distill.moma import batchnorm_mode
+from moma.distill.key_pass import batchnorm_mode
 from moma.engine.builder import build_task
 from moma.engine.state import load_training_state
 from moma.engine.runs import run_training
@@ -75,7 +75,7 @@ def test_explicit_parameters_override_the_preset(build):
 
 
 def test_momentum_auto_keeps_the_papers_run_to_horizon_ratio():
-    from moma.distill.moma import resolve_momentum
+    from moma.distill.moma_params import resolve_momentum
 
     assert resolve_momentum("auto", 5000) == pytest.approx(0.999)  # the paper's ~5,000 steps
     assert resolve_momentum("auto", 200) == pytest.approx(0.975)

@@ -11,7 +11,7 @@ from moma.distill.batch_attention import BatchAttention, BatchAttentionBlock
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
 from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast_diagnostics, infonce_logits, infonce_loss,
                                    key_agreement, mean_pairwise_cosine)
-from moma.distill.moma import resolve_queue_size
+from moma.distill.moma_params import resolve_queue_size
 from moma.distill.queue import KeyQueue
 
 
@@ -317,7 +317,7 @@ def test_an_ema_key_head_caps_the_auto_queue_within_half_its_horizon():
 
 
 def test_auto_keys_use_the_momentum_teacher_only_when_the_student_starts_as_the_teacher():
-    from moma.distill.moma import resolve_key_source
+    from moma.distill.moma_params import resolve_key_source
 
     assert resolve_key_source("auto", student_from_teacher=True) == "momentum"
     assert resolve_key_source("auto", student_from_teacher=False) == "teacher"

@@ -1,1 +1,1 @@
-"""Data: tile tables from folders or manifests, patient-level splits, transforms, stain jitter."""
+"""Data: tile tables from folders or manifests, tile stores, patient-level splits, transforms, stain jitter."""

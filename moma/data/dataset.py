@@ -1,11 +1,13 @@
-"""PyTorch dataset of tiles: decoded once (optionally cached), resized to the configured size."""
+"""PyTorch dataset of tiles, resized to the configured size and decoded once where ``data.cache``
+lets it: kept in memory, read from a tile store on disk (:mod:`moma.data.tile_store`), or decoded
+on every read."""
 
 from __future__ import annotations
 
 import logging
 import os
 from collections.abc import Callable
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import torch
@@ -16,14 +18,19 @@ from tqdm import tqdm
 from moma.data.tiles import TileTable, load_rgb
 from moma.errors import DataError
 
+if TYPE_CHECKING:
+    from moma.data.tile_store import TileStore
+
 log = logging.getLogger(__name__)
 
 
 # A tile further than this factor from the configured size is probably at another resolution
 # than the model expects (or data.image_size is wrong): resizing hides that, so it is said.
 SIZE_WARN_RATIO = 2.0
-# data.cache=auto caches decoded tiles while they take at most this share of the machine's memory.
+# data.cache=auto keeps decoded tiles in memory while they take at most this share of the machine's
+# memory, else in a tile store on disk while it fits its disk budget (moma.data.tile_store.disk_budget).
 CACHE_MEMORY_SHARE = 0.25
+Storage = Literal["memory", "disk", "off"]
 _size_warned: set[int] = set()
 
 
@@ -58,17 +65,28 @@ def memory_bytes() -> int | None:
         return None
 
 
-def choose_cache(setting: bool | Literal["auto"], num_tiles: int, image_size: int, budget: int | None) -> bool:
-    """Whether to keep every decoded tile in memory: ``setting`` if it is a bool; for ``auto``, only
-    when ``num_tiles`` decoded RGB tiles fit ``budget`` bytes (an unknown budget: no cache)."""
+def choose_storage(setting: Storage | Literal["auto"], num_tiles: int, image_size: int, memory_budget: int | None,
+                   disk_budget: int | None) -> Storage:
+    """Where decoded tiles are kept: ``setting`` unless it is ``auto``; for ``auto``, in memory when
+    ``num_tiles`` decoded RGB tiles fit ``memory_budget`` bytes, else in a tile store on disk when
+    they fit ``disk_budget``, else nowhere (decoded on every read). An unknown budget does not fit."""
     if setting != "auto":
-        return bool(setting)
+        return setting
     needed = num_tiles * 3 * image_size * image_size
-    cache = budget is not None and needed <= budget
-    log.info("data.cache=auto: %d tiles of %d px decode to %.2f GiB, %s the %s budget: %s", num_tiles, image_size,
-             needed / 2**30, "within" if cache else "over", "unknown" if budget is None else f"{budget / 2**30:.2f} GiB",
-             "cached in memory" if cache else "decoded on every read (set data.cache=true to force)")
-    return cache
+    storage: Storage = "memory" if _fits(needed, memory_budget) else "disk" if _fits(needed, disk_budget) else "off"
+    log.info("data.cache=auto: %d tiles of %d px decode to %.2f GiB; memory budget %s, disk budget %s: %s", num_tiles,
+             image_size, needed / 2**30, _gib(memory_budget), _gib(disk_budget), {
+                 "memory": "kept in memory", "disk": "kept in a tile store on disk (data.tile_store_dir)",
+                 "off": "decoded on every read (set data.cache=memory or disk to force)"}[storage])
+    return storage
+
+
+def _fits(needed: int, budget: int | None) -> bool:
+    return budget is not None and needed <= budget
+
+
+def _gib(budget: int | None) -> str:
+    return "unknown" if budget is None else f"{budget / 2**30:.2f} GiB"
 
 
 def cache_budget() -> int | None:
@@ -89,26 +107,22 @@ class TileDataset(Dataset):
         skip_bad: bool = False,
         progress: bool = False,
         description: str = "tiles",
+        store: TileStore | None = None,
     ):
+        """``cache``: keep the decoded tiles in memory; ``store``: read them from a tile store that
+        holds every tile of ``table`` instead (``cache`` is then ignored); neither: decode on every read."""
         self.image_size = image_size
         self.transform = transform
         self.skipped: list[str] = []
-        frame = table.frame
-        keep = np.ones(len(frame), dtype=bool)
-        images: list[torch.Tensor] = []
-        if cache or skip_bad:
-            iterator = tqdm(frame["path"], desc=f"reading {description}", disable=not progress, leave=False)
-            for row, path in enumerate(iterator):
-                try:
-                    tile = decode_tile(path, image_size)
-                except DataError:
-                    if not skip_bad:
-                        raise
-                    keep[row] = False
-                    self.skipped.append(path)
-                    continue
-                if cache:
-                    images.append(tile)
+        paths = table.frame["path"].tolist()
+        cache = cache and store is None
+        if store is not None:
+            store_rows, images = store.rows_of(paths), []
+            keep = self._readable_in_store(store, store_rows, paths, skip_bad)
+        elif cache or skip_bad:
+            keep, images, store_rows = *self._decode_all(paths, cache, skip_bad, progress, description), None
+        else:
+            keep, images, store_rows = np.ones(len(paths), dtype=bool), [], None
         if self.skipped:
             log.warning("skipped %d unreadable tile(s) in %s, e.g. %s", len(self.skipped), description, self.skipped[0])
         self.table = table.subset(keep) if self.skipped else table
@@ -119,6 +133,8 @@ class TileDataset(Dataset):
         # One tensor: forked loader workers share its memory pages (nothing is copied), and spawned
         # workers receive it through shared memory (torch moves its storage there when pickled).
         self.images = torch.stack(images) if cache else None
+        self.store = store
+        self.store_rows = None if store_rows is None else store_rows[keep]
 
     @property
     def classes(self) -> list[str]:
@@ -126,14 +142,48 @@ class TileDataset(Dataset):
 
     @property
     def cached(self) -> bool:
-        return self.images is not None
+        """Whether tiles are read decoded (from memory or a tile store), not decoded on each read."""
+        return self.images is not None or self.store is not None
 
     def __len__(self) -> int:
         return len(self.paths)
 
+    def _decode_all(self, paths: list[str], cache: bool, skip_bad: bool, progress: bool,
+                    description: str) -> tuple[np.ndarray, list[torch.Tensor]]:
+        """Decode every tile once: the rows to keep (readable) and, with ``cache``, their tiles."""
+        keep = np.ones(len(paths), dtype=bool)
+        images: list[torch.Tensor] = []
+        for row, path in enumerate(tqdm(paths, desc=f"reading {description}", disable=not progress, leave=False)):
+            try:
+                tile = decode_tile(path, self.image_size)
+            except DataError:
+                if not skip_bad:
+                    raise
+                keep[row] = False
+                self.skipped.append(path)
+                continue
+            if cache:
+                images.append(tile)
+        return keep, images
+
+    def _readable_in_store(self, store: TileStore, rows: np.ndarray, paths: list[str], skip_bad: bool) -> np.ndarray:
+        """The rows to keep (``rows``: each path's row in the store): those the store could read; an
+        unreadable tile stops here without skip_bad."""
+        if (rows < 0).any():
+            missing = paths[int(np.flatnonzero(rows < 0)[0])]
+            raise DataError(f"tile {missing} is not in the tile store {store.folder}; its data source changed "
+                            "since the store was opened: run again")
+        bad = np.isin(rows, np.fromiter(store.bad, dtype=np.int64, count=len(store.bad)))
+        if bad.any() and not skip_bad:
+            raise DataError(store.bad[int(rows[bad][0])])
+        self.skipped += [paths[i] for i in np.flatnonzero(bad)]
+        return ~bad
+
     def raw_image(self, index: int) -> torch.Tensor:
         if self.images is not None:
             return self.images[index]
+        if self.store is not None:
+            return self.store.read(int(self.store_rows[index]))
         return decode_tile(self.paths[index], self.image_size)
 
     def __getitem__(self, item: int | tuple[int, int]):

@@ -9,7 +9,9 @@ Sources (``data.unlabelled``, repeatable ``moma distill --unlabelled``):
   (``data.train_per_class`` / ``train_fraction``), their labels hidden.
 
 The pool is a list of paths (and groups): nothing is decoded up front, a tile is read when a
-training step draws it, so a pool of 100,000 tiles costs the memory of its path strings.
+training step draws it, so a pool of 100,000 tiles costs the memory of its path strings. With
+``data.cache=disk`` its tiles are read from tile stores (:mod:`moma.data.tile_store`: decoded once,
+read tile by tile, shared by every run and grid cell) instead of being decoded again on every draw.
 
 Leakage guard: a pool tile that is also a validation or test tile (the same file, or a file with
 the same bytes) is refused, naming it; when both sides know their groups (patients, slides), a
@@ -21,7 +23,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +34,7 @@ from torch.utils.data import Dataset
 
 from moma.data.dataset import decode_tile
 from moma.data.splits import UNUSED
+from moma.data.tile_store import TileStore, locate, open_tile_store
 from moma.data.tiles import IMAGE_SUFFIXES, MANIFEST_NAME, TileTable
 from moma.errors import DataError
 
@@ -165,6 +168,20 @@ def check_pool_leakage(pool: PoolTable, held_out: TileTable, allow_group_overlap
                     len(shared))
 
 
+def open_pool_stores(paths: Sequence[str], sources: Sequence[str], table_store: TileStore | None, image_size: int,
+                     store_dir: str | Path, progress: bool = False) -> list[TileStore]:
+    """Stores that hold every tile of an unlabelled pool: the labelled source's store for the tiles
+    it holds (a 'rest' pool, or a pool folder that is the labelled one), and one store of the other
+    sources' tiles, named after those sources (so it is the same store whatever the split)."""
+    stores = [] if table_store is None else [table_store]
+    outside = [p for p, row in zip(paths, locate(paths, stores)[1]) if row < 0]
+    if outside:
+        named = sorted(os.path.abspath(s) for s in sources if s != REST)
+        stores.append(open_tile_store(outside, image_size, store_dir, "|".join(named) or "unlabelled", progress,
+                                      "unlabelled tiles"))
+    return stores
+
+
 class UnlabelledDataset(Dataset):
     """Yields ``(image_or_views, index, skipped_path)``, decoding a tile only when it is asked for.
 
@@ -173,10 +190,15 @@ class UnlabelledDataset(Dataset):
     the next readable tile stands in and the bad path comes back as ``skipped_path``; the training
     loop counts it with ``data.skip_bad`` and stops with a one-line error without it."""
 
-    def __init__(self, pool: PoolTable, image_size: int, transform: Callable | None = None):
+    def __init__(self, pool: PoolTable, image_size: int, transform: Callable | None = None,
+                 stores: Sequence[TileStore] = ()):
+        """``stores``: tile stores holding some or all of the pool's tiles (read from there, not
+        decoded); a tile none of them holds is decoded from its file."""
         self.paths = pool.paths
         self.image_size = image_size
         self.transform = transform
+        self.stores = list(stores)
+        self.store_of, self.store_rows = locate(self.paths, self.stores)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -186,10 +208,19 @@ class UnlabelledDataset(Dataset):
         for attempt in range(min(len(self.paths), 16)):
             row = (index + attempt) % len(self.paths)
             try:
-                return row, decode_tile(self.paths[row], self.image_size), bad
+                return row, self._read(row), bad
             except DataError:
                 bad = bad or str(self.paths[row])
         raise DataError(f"unlabelled pool: 16 tiles in a row from {self.paths[index]} are unreadable")
+
+    def _read(self, row: int) -> torch.Tensor:
+        which = int(self.store_of[row])
+        if which < 0:
+            return decode_tile(self.paths[row], self.image_size)
+        store, store_row = self.stores[which], int(self.store_rows[row])
+        if store_row in store.bad:
+            raise DataError(store.bad[store_row])
+        return store.read(store_row)
 
     def __getitem__(self, item: tuple[int, int]):
         index, seed = item

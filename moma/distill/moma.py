@@ -32,20 +32,18 @@ from __future__ import annotations
 
 import logging
 import math
-from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass
-from typing import Annotated, Literal
 
 import torch
-from pydantic import Field, model_validator
 from torch import nn
-from torch.nn.modules.batchnorm import _BatchNorm
 
-from moma.distill.base import Batch, DistillMethod, MethodContext, MethodParams
-from moma.distill.batch_attention import AttentionWiring, BatchAttentionBlock
+from moma.distill.base import Batch, DistillMethod, MethodContext
+from moma.distill.batch_attention import BatchAttentionBlock
 from moma.distill.contrast import (ProjectionHead, batch_negative_mask, contrast_diagnostics, in_batch_retrieval,
                                    infonce_loss)
 from moma.distill.ema import copy_, cosine_momentum, ema_update_, paired_buffers
+from moma.distill.key_pass import (KeyPass, batchnorm_mode, gather_keys, pooled_features, shuffle_across_ranks,
+                                   split_batch_forward)
+from moma.distill.moma_params import MoMAParams, resolve_key_source, resolve_momentum, resolve_queue_size
 from moma.distill.queue import KeyQueue
 from moma.distill.registry import register_method
 from moma.utils import collectives
@@ -54,60 +52,6 @@ from moma.errors import ConfigError
 from moma.models.taps import FeatureTap, TapOutputs
 
 log = logging.getLogger(__name__)
-
-PAPER_QUEUE_SIZE = 16384  # --nce_k in train_student_moma.py and scripts/run_moma.sh
-
-
-# ----------------------------------------------------------------------------- building blocks
-
-
-def pooled_features(model: nn.Module, out: TapOutputs) -> torch.Tensor:
-    """The globally pooled feature vector the projection head reads (the code's ``feat[-1]``, the
-    average-pooled map before dropout and classifier). For timm models whose ``global_pool`` output
-    is the pre-logits embedding, the pooled map is used so that head dropout (efficientnet_b0:
-    0.2) does not reach the query; otherwise timm's pre-logits embedding."""
-    pool = getattr(model, "global_pool", None)
-    fmap = out.feature_map
-    if isinstance(pool, nn.Module) and fmap is not None and fmap.ndim == 4:
-        pooled = pool(fmap).flatten(1)
-        if pooled.shape[1] == out.embedding.shape[1]:
-            return pooled
-    return out.embedding.flatten(1)
-
-
-def _norm_layers(model: nn.Module) -> list[_BatchNorm]:
-    return [m for m in model.modules() if isinstance(m, _BatchNorm)]
-
-
-@contextmanager
-def batchnorm_mode(model: nn.Module, training: bool):
-    """Every BatchNorm layer of ``model`` in train (batch statistics, running stats updated) or eval
-    mode for the duration, the rest of the model untouched (dropout stays as it is); restored after.
-    The code's ``model_t.apply(set_bn_train)``, without leaving the teacher changed."""
-    norms = _norm_layers(model)
-    previous = [m.training for m in norms]
-    for m in norms:
-        m.training = training
-    try:
-        yield
-    finally:
-        for m, was in zip(norms, previous):
-            m.training = was
-
-
-@contextmanager
-def running_stats_frozen(model: nn.Module):
-    """BatchNorm layers normalise with batch statistics but leave their running statistics as they
-    are (``track_running_stats`` off for the duration)."""
-    norms = [m for m in _norm_layers(model) if m.track_running_stats]
-    for m in norms:
-        m.track_running_stats = False
-    try:
-        yield
-    finally:
-        for m in norms:
-            m.track_running_stats = True
-
 
 def _classifier_names(model: nn.Module) -> set[str]:
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
@@ -122,125 +66,7 @@ def _arch_name(model: nn.Module) -> str:
     return cfg.get("architecture") or type(model).__name__
 
 
-def resolve_queue_size(requested: int | str, num_train: int, batch_size: int | None, momentum: float | None = None) -> int:
-    """``auto``: the paper's 16384, clamped to the largest multiple of the batch that does not exceed
-    the training-set size (the queue then never holds more keys than there are training tiles).
-    With ``momentum`` (keys from an EMA key head) also to at most half its horizon 1 / (1 - momentum)
-    in batches, so no slot holds a key of a head that no longer exists."""
-    if requested != "auto":
-        return int(requested)
-    size = min(PAPER_QUEUE_SIZE, max(num_train, 1))
-    if momentum is not None and batch_size:
-        horizon_steps = 1.0 / max(1.0 - momentum, 1e-12)
-        size = min(size, batch_size * max(1, int(horizon_steps // 2)))
-    if batch_size and size >= batch_size:
-        size -= size % batch_size
-    return size
-
-
-def resolve_key_source(requested: str, student_from_teacher: bool) -> str:
-    """``auto``: a momentum teacher where it works, i.e. when the student starts as a copy of the
-    teacher (the EMA then averages two related networks); keys from the frozen teacher otherwise
-    (from random weights the momentum teacher averages the teacher with an unrelated network)."""
-    if requested != "auto":
-        return requested
-    return "momentum" if student_from_teacher else "teacher"
-
-
 # ----------------------------------------------------------------------------- the method
-
-#: Each preset fills the parameters the user leaves unset. ``default`` is the design chosen on
-#: validation data (docs/moma.md, "Choosing the default"); ``official-code`` is the published code.
-PRESETS: dict[str, dict[str, object]] = {
-    "default": {"keys": "auto", "key_attention": "ema", "attention": "rezero", "normalize": True,
-                "single_teacher_pass": True, "momentum": "auto", "queue_size": "auto", "mask_memory": True},
-    "official-code": {"keys": "momentum", "key_attention": "frozen", "attention": "plain", "normalize": False,
-                      "single_teacher_pass": False, "momentum": 0.999, "queue_size": PAPER_QUEUE_SIZE,
-                      "mask_memory": False},
-}
-#: ``momentum: auto`` keeps the paper's ratio of run length to EMA horizon: about 5,000 optimiser
-#: steps (50 epochs of ~100 steps) for a horizon of 1 / (1 - 0.999) = 1,000 steps.
-AUTO_MOMENTUM_RATIO = 5.0
-FALLBACK_MOMENTUM = 0.999
-
-
-class MoMAParams(MethodParams):
-    preset: Literal["default", "official-code"] = Field(
-        "default", description="default: the design chosen on validation data; official-code: the published code "
-        "(frozen key attentions, no residual, two teacher passes). Parameters set explicitly override the preset")
-    keys: Literal["auto", "momentum", "teacher"] | None = Field(
-        None, description="where the keys come from. momentum: a momentum teacher, an EMA of the student that starts "
-        "as the teacher (the paper; needs the student's architecture); teacher: the frozen teacher through a key "
-        "head whose EMA copy fills the memory (any teacher, any student start); auto: momentum when the student "
-        "starts as a copy of the teacher, else teacher")
-    momentum: Annotated[float, Field(ge=0.0, lt=1.0)] | Literal["auto"] | None = Field(
-        None, description="EMA coefficient alpha of teacher, key head and key attention (code: --alpha 0.999); "
-        "auto = 1 - 5 / (optimiser steps of the run), which is 0.999 at the paper's run length")
-    momentum_schedule: Literal["constant", "cosine"] = Field(
-        "constant", description="cosine: alpha rises from `momentum` to 1 over `momentum_steps` (BYOL / MoCo v3); not in MoMA")
-    momentum_steps: int | None = Field(None, ge=1, description="optimiser steps of the cosine momentum schedule")
-    nce_temperature: float = Field(0.15, gt=0.0, description="InfoNCE temperature tau (code: nce_t forced to 0.15 for moma)")
-    queue_size: Annotated[int, Field(ge=1)] | Literal["auto"] | None = Field(
-        None, description="negatives K (code: --nce_k 16384); auto = min(16384, training tiles) rounded to the batch")
-    feat_dim: int = Field(512, ge=1, description="projection width (code: --feat_dim, --head mlp)")
-    num_heads: int = Field(4, ge=1, description="heads of the batch attention (hard-coded 4 in the code)")
-    beta: float = Field(1.0, ge=0.0, description="weight of the nce term (code: -b, 1 in run_moma.sh)")
-    key_attention: Literal["frozen", "ema"] | None = Field(
-        None, description="frozen: two key attentions (positive, enqueued) left at their random init, as the code; "
-        "ema: one key attention for both, an EMA of the query attention (the paper's figure)")
-    attention: AttentionWiring | None = Field(
-        None, description="plain: A(x) as the code; rezero: x + g*A(LN(x)) with per-channel gains g starting at 0")
-    normalize: bool | None = Field(None, description="L2-normalise queries and keys after the attention")
-    mask_memory: bool | None = Field(
-        None, description="leave out of each query's negatives the queue slots never written (random initial "
-        "vectors) and those holding the query's own earlier key (the code keeps both)")
-    single_teacher_pass: bool | None = Field(
-        None, description="take the KL logits from the key pass (after the EMA update): one teacher pass per step "
-        "instead of the code's two")
-    teacher_buffers: Literal["keep", "copy", "ema"] = Field(
-        "keep", description="teacher BatchNorm running stats: keep (own, as the code), copy or EMA the student's")
-    shuffle_bn: Literal["split", "none"] = Field(
-        "split", description="single-process stand-in for shuffle BN in the key pass: split = permuted sub-batches")
-    bn_splits: int = Field(2, ge=1, description="sub-batches of the split key pass (the paper ran 2 GPUs)")
-    kl_teacher_bn: Literal["train", "eval"] = Field(
-        "train", description="teacher BatchNorm mode of the KL logits pass (the code: train from the 2nd step of an epoch)")
-
-    @model_validator(mode="after")
-    def _resolve_preset(self) -> "MoMAParams":
-        for name, value in PRESETS[self.preset].items():
-            if getattr(self, name) is None:
-                setattr(self, name, value)
-        if self.feat_dim % self.num_heads:
-            raise ValueError(f"feat_dim={self.feat_dim} must be divisible by num_heads={self.num_heads}")
-        if self.momentum_schedule == "cosine" and self.momentum_steps is None:
-            raise ValueError("momentum_schedule=cosine needs momentum_steps (the number of optimiser steps)")
-        return self
-
-    def overridden(self) -> dict[str, object]:
-        """Parameters set explicitly that differ from the preset."""
-        return {k: getattr(self, k) for k, v in PRESETS[self.preset].items()
-                if k in self.model_fields_set and getattr(self, k) != v}
-
-
-def resolve_momentum(requested: float | str, total_steps: int | None) -> float:
-    """``auto``: :math:`1 - 5/S` for a run of S optimiser steps (0.999 at the paper's ~5,000)."""
-    if requested != "auto":
-        return float(requested)
-    if not total_steps:
-        log.warning("moma: momentum=auto needs the run's number of optimiser steps; using %g", FALLBACK_MOMENTUM)
-        return FALLBACK_MOMENTUM
-    return max(0.0, 1.0 - AUTO_MOMENTUM_RATIO / total_steps)
-
-
-@dataclass
-class KeyPass(TapOutputs):
-    """The teacher side of one MoMA step: the teacher's outputs (logits for the KL term) and the
-    L2-normalised keys of the batch, in the batch's order. ``key_order`` is the permutation of a
-    shuffle-BN pass across processes (the queue receives the gathered keys in that order)."""
-
-    keys: torch.Tensor | None = None
-    key_order: torch.Tensor | None = None
-
 
 @register_method
 class MoMA(DistillMethod):
@@ -474,64 +300,17 @@ class MoMA(DistillMethod):
                 out.keys = self.embed_t(out.embedding.float())
         return out
 
+    def _shuffled_teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
+        """The key pass's teacher forward: shuffle BN across processes, split-batch BN in one process
+        (``shuffle_bn=split``), or one plain pass (``none``, and in evaluation)."""
+        if self.training and self.params.shuffle_bn != "none" and collectives.is_distributed():
+            return shuffle_across_ranks(teacher, images)
+        return split_batch_forward(teacher, images, self._bn_splits(images.shape[0]))
+
     def _bn_splits(self, batch_size: int) -> int:
         if self.params.shuffle_bn == "none" or not self.training:
             return 1
         return max(1, min(self.params.bn_splits, batch_size // 2))  # BatchNorm needs 2+ samples per sub-batch
-
-    def _shuffled_teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
-        """Single-process stand-in for shuffle BN (MoCo sec. 3.3; the code's ``_shuffle_bn``): the batch
-        is randomly permuted and cut into sub-batches that the teacher normalises separately, so a
-        key's BatchNorm statistics come from other samples than its query's. Only the first
-        sub-batch updates the running statistics, as each GPU's own teacher does in the code.
-        Returns pooled features in ``embedding`` and logits, un-shuffled. Several processes: the
-        real shuffle BN across ranks (:meth:`_shuffle_across_ranks`)."""
-        if self.training and self.params.shuffle_bn != "none" and collectives.is_distributed():
-            return self._shuffle_across_ranks(teacher, images)
-        splits = self._bn_splits(images.shape[0])
-        if splits == 1:
-            out = teacher(images)
-            return KeyPass(logits=out.logits, embedding=pooled_features(teacher.model, out))
-        order = torch.randperm(images.shape[0], device=images.device)
-        pooled, logits = [], []
-        for i, chunk in enumerate(images[order].tensor_split(splits)):
-            with running_stats_frozen(teacher) if i else nullcontext():
-                out = teacher(chunk)
-            pooled.append(pooled_features(teacher.model, out))
-            logits.append(out.logits)
-        restore = torch.argsort(order)
-        return KeyPass(logits=torch.cat(logits)[restore], embedding=torch.cat(pooled)[restore])
-
-    def _shuffle_across_ranks(self, teacher: FeatureTap, images: torch.Tensor) -> KeyPass:
-        """Shuffle BN as the code's ``ContrastTrainer._shuffle_bn``: the images of all ranks are
-        gathered, permuted by one random order drawn on rank 0 and broadcast, and each rank runs
-        its teacher (BatchNorm on batch statistics) on its block of the shuffled global batch; the
-        pooled features and logits are gathered and un-shuffled, and each rank keeps its own
-        samples' rows. The order travels with the result, for :meth:`_gather_keys`."""
-        rank = torch.distributed.get_rank()
-        sizes = collectives.gather_sizes(images.shape[0], images.device)
-        everyone = collectives.all_gather_rows(images, sizes)
-        order = collectives.shared_permutation(sum(sizes), images.device)
-        mine = everyone[collectives.shuffled_slice(order, sizes, rank)]
-        if images.is_contiguous(memory_format=torch.channels_last):
-            mine = mine.contiguous(memory_format=torch.channels_last)
-        out = teacher(mine)
-        pooled = pooled_features(teacher.model, out)
-        rows = torch.cat([pooled.float(), out.logits.float()], dim=1)
-        own = collectives.rank_rows(collectives.unshuffle(collectives.all_gather_rows(rows, sizes), order), sizes, rank)
-        width = pooled.shape[1]
-        return KeyPass(logits=own[:, width:].to(out.logits.dtype), embedding=own[:, :width].to(pooled.dtype),
-                       key_order=order)
-
-    @staticmethod
-    def _gather_keys(keys: torch.Tensor, order: torch.Tensor | None) -> torch.Tensor:
-        """Keys of every process, for the queue (the code's ``all_k``). One process: its own.
-        After a shuffled key pass they come in the shuffled order, as the code's ``all_k`` (each
-        GPU's keys of its shuffled block, gathered)."""
-        if not collectives.is_distributed():
-            return keys
-        everyone = collectives.all_gather_rows(keys)
-        return everyone if order is None else everyone[order]
 
     @torch.no_grad()
     def _attend_keys(self, keys: torch.Tensor, all_keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -552,11 +331,11 @@ class MoMA(DistillMethod):
             if self.key_source == "teacher":
                 positive, enqueued = self.key_head(teacher.embedding.float()), teacher.keys
             else:
-                positive, enqueued = self._attend_keys(teacher.keys, self._gather_keys(teacher.keys, teacher.key_order))
+                positive, enqueued = self._attend_keys(teacher.keys, gather_keys(teacher.keys, teacher.key_order))
             negatives, mask = self._negatives(positive, batch.index)
             loss = infonce_loss(query, positive, negatives, self.params.nce_temperature, mask)
         if self.training:  # written after the optimiser step: backward still reads the queue
-            self.queue.stage(enqueued, self._gather_keys(batch.index, teacher.key_order))
+            self.queue.stage(enqueued, gather_keys(batch.index, teacher.key_order))
         counts = mask.sum(dim=1) if mask is not None else negatives.shape[0]
         return {"nce": loss, **contrast_diagnostics(query, positive, counts), **self._attention_diagnostics(embedded, positive)}
 

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 
 from moma.config import Config
-from moma.data.dataset import TileDataset, cache_budget, choose_cache, reset_size_warning
+from moma.data.dataset import TileDataset, cache_budget, choose_storage, reset_size_warning
 from moma.data.splits import apply_split, check_no_leakage, kfold_split, load_split, split_table
 from moma.data.stain_norm import StainNormalizer, StainReference, fit_reference
 from moma.data.subsample import subsample_train
+from moma.data.tile_store import disk_budget, open_table_store, resolve_store_dir
 from moma.data.tiles import TileTable, scan_tiles
 from moma.data.transforms import build_eval_transform, build_student_transform
-from moma.data.unlabelled import UnlabelledDataset, check_pool_leakage, scan_pool
+from moma.data.unlabelled import UnlabelledDataset, check_pool_leakage, open_pool_stores, scan_pool
 from moma.distill.base import UNLABELLED, DistillMethod, MethodContext, MethodParams
 from moma.distill.registry import applicable_methods, get_method, not_applicable_reason
 from moma.distill.task import DistillationTask, InputAdapter
@@ -78,8 +79,11 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
         log.warning("the test split is empty: only validation metrics will be reported")
     reset_size_warning()
     labelled = sum(len(part) for part in parts.values())
-    cache = choose_cache(cfg.data.cache, labelled, cfg.data.image_size, cache_budget())
-    common = dict(image_size=cfg.data.image_size, cache=cache, skip_bad=cfg.data.skip_bad, progress=progress)
+    store_dir = resolve_store_dir(cfg.data.tile_store_dir)
+    storage = choose_storage(cfg.data.cache, labelled, cfg.data.image_size, cache_budget(), disk_budget(store_dir))
+    store = open_table_store(table, cfg.data.image_size, store_dir, progress) if storage == "disk" else None
+    common = dict(image_size=cfg.data.image_size, cache=storage == "memory", store=store, skip_bad=cfg.data.skip_bad,
+                  progress=progress)
     stain = fit_stain(cfg)
     normalizer = None if stain is None else StainNormalizer(stain)
     train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment, normalizer)
@@ -93,7 +97,9 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
                              table.classes)
         pool_table = scan_pool(cfg.data.unlabelled, table, split, cfg.data.group_column)
         check_pool_leakage(pool_table, held_out, cfg.data.allow_group_overlap)
-        pool = UnlabelledDataset(pool_table, cfg.data.image_size, train_transform)
+        pool_stores = [] if store is None else open_pool_stores(
+            pool_table.paths, pool_table.sources, store, cfg.data.image_size, store_dir, progress)
+        pool = UnlabelledDataset(pool_table, cfg.data.image_size, train_transform, pool_stores)
         log.info("unlabelled pool: %d tiles from %s; %d per step beside %d labelled (distill.unlabelled_ratio=%d)",
                  len(pool), ", ".join(cfg.data.unlabelled), cfg.distill.unlabelled_ratio * cfg.optim.batch_size,
                  cfg.optim.batch_size, cfg.distill.unlabelled_ratio)
