@@ -37,7 +37,8 @@ from moma.engine import distributed
 from moma.engine.builder import DataBundle, build_data, build_task, prepare_distillation
 from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
-from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_split_report
+from moma.engine.evaluate import (PREFETCH_BATCHES, eval_loader, evaluate, metrics_from_probs, predict_probs,
+                                  write_split_report)
 from moma.engine.layout import (
     BEST_NAME,
     CURVES_NAME,
@@ -178,6 +179,7 @@ class Trainer:
             self._loader = DataLoader(
                 self.data.train, batch_size=self.cfg.optim.batch_size, sampler=self._sampler, num_workers=workers,
                 pin_memory=self.device.type == "cuda", drop_last=self._drop_last(), persistent_workers=workers > 0,
+                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
                 # Its own generator: starting the workers must not draw from the global one, which the
                 # step's own randomness (dropout, shuffles) uses and a resume restores per epoch.
                 generator=torch.Generator().manual_seed(self.cfg.run.seed),
@@ -195,6 +197,7 @@ class Trainer:
             self._pool_loader = DataLoader(
                 self.data.unlabelled, batch_size=per_step, sampler=self._pool_sampler, num_workers=workers,
                 pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
+                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
                 generator=torch.Generator().manual_seed(self.cfg.run.seed),
             )
         self._pool_sampler.set_round(epoch, steps * per_step)
