@@ -5,7 +5,10 @@
 #   2. an EfficientNet-B0 teacher at 224 px with bf16 + channels_last + torch.compile (2 epochs);
 #   3. a one-GPU `torchrun` MoMA run from that teacher (2 epochs, bf16, channels_last);
 #   4. the throughput benchmark (benchmarks/throughput.py) at 224 px, EfficientNet-B0, batch 64;
-#   5. slide prediction on a generated slide of 100,000 tissue tiles of 224 px (JPEG tiles, like a
+#   5. loader tiles/s against student step tiles/s at 224 px (throughput.py --tile-store --store-step):
+#      the training loader reading tiles decoded from files, from the uint8 tile store and from
+#      memory, beside the EfficientNet-B0 step (batch 64) on this GPU; the goal is loader >= step;
+#   6. slide prediction on a generated slide of 100,000 tissue tiles of 224 px (JPEG tiles, like a
 #      scanner's; about 2 GB under $GPU_CHECK_DIR) with a resnet18 (benchmarks/slides.py --gpu): the
 #      goal is 60 s for the slide with 16 CPU cores reading; the line says whether it was met.
 # Everything reads the shipped demo tiles only (upscaled to 224 px) and writes under $GPU_CHECK_DIR
@@ -64,6 +67,10 @@ step "one-GPU torchrun MoMA run" 180 \
 step "throughput benchmark, 224 px" 240 \
     "$PYTHON" benchmarks/throughput.py --arch efficientnet_b0 --image-size 224 --batch-size 64 --rounds 3 --steps 4 \
     --skip wait,parts
+
+step "loader tiles/s (files, tile store, memory) against student step tiles/s, 224 px" 240 \
+    "$PYTHON" benchmarks/throughput.py --tile-store --store-step --store-sizes 224 --arch efficientnet_b0 \
+    --batch-size 64 --steps 4
 
 step "slide predict: 100,000 JPEG tiles of 224 px, resnet18" 420 \
     env SLIDES_BENCH_DIR="$OUT" "$PYTHON" benchmarks/slides.py --gpu --batch-size 256

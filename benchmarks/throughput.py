@@ -33,6 +33,16 @@ One process, one student/teacher pair (same architecture, random weights), the s
    next to KD's teacher pass: the key pass with split-batch BN, the EMA update, projection heads
    + batch attention + InfoNCE over the queue (forward and backward).
 
+**Tile store** (``--tile-store``, on its own, then exit): the training loader (the same
+``num_workers`` for all) reading tiles decoded from their files on every read (``data.cache=off``),
+from the uint8 tile store (``data.cache=disk``, built once before timing; its build time is
+reported) and from memory (``data.cache=memory``), at each of ``--store-sizes``, doing per tile the
+training transform (flips, 90-degree rotations, RandAugment), the same without RandAugment, or
+nothing (the uint8 tile as read: what a loader is left with when augmentation runs on whole batches
+elsewhere); medians of ``--store-rounds`` interleaved measurements of ``--loader-batches`` batches.
+With ``--store-step`` also the student's own training step (``none``) at that size on the run's
+device, so the loader can be set against it.
+
 Everything runs with one torch thread by default (``--threads``; part 3: ``--wait-threads``,
 e.g. 2 as a training run on 2 cores uses): step costs are given in wall-clock time and in
 process CPU time, and on a shared machine only the latter is stable (with several threads,
@@ -41,6 +51,7 @@ OpenMP's spinning threads turn other processes' load into CPU time too).
     python benchmarks/throughput.py                          # defaults, a few minutes on 2 CPU cores
     python benchmarks/throughput.py --arch efficientnet_b0 --rounds 3 --steps 4
     python benchmarks/throughput.py --profile moma-official     # operator profile of a few steps, then exit
+    python benchmarks/throughput.py --tile-store     # loader tiles/s: files vs tile store vs memory, 64 and 224 px
 """
 
 from __future__ import annotations
@@ -82,6 +93,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--skip", default="", help="comma-separated parts to skip: steps, loader, wait, parts")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per MoMA part (part 4)")
     parser.add_argument("--profile", choices=VARIANTS, help="torch.profiler table of a few steps of one variant")
+    parser.add_argument("--tile-store", action="store_true",
+                        help="only the loader from files against the uint8 tile store (and memory), then exit")
+    parser.add_argument("--store-sizes", default="64,224", help="tile sizes (px) of --tile-store")
+    parser.add_argument("--store-workers", default="auto",
+                        help="num_workers of every loader of --tile-store (auto: as training resolves it for files)")
+    parser.add_argument("--store-rounds", type=int, default=3, help="interleaved measurements per loader")
+    parser.add_argument("--store-step", action="store_true",
+                        help="with --tile-store: also the student step (none) tiles/s at each size on the device")
     return parser.parse_args(argv)
 
 
@@ -348,6 +367,125 @@ def print_report(args, steps: dict | None, loader: dict | None, wait: dict | Non
             print(f"| {name} | {1000 * seconds:.1f} |")
 
 
+# ---------------------------------------------------------------------------------- tile store
+
+STORAGES = ("off", "disk", "memory")  # data.cache: decoded on every read, the tile store, in memory
+# The loader's per-tile work: the training transform with and without RandAugment, and none at all
+# (uint8 tiles as read: what is left to a loader when augmentation runs on whole batches elsewhere).
+LOADER_WORK = ("flips, rot90, RandAugment", "flips, rot90", "none (uint8 tiles)")
+
+
+def storage_trainer(args, workdir: Path, teachers: dict[str, Path], size: int, cache: str, work: str, workers):
+    """A ``none`` trainer at ``size`` px whose tiles come from files, the tile store or memory and
+    whose training loader does ``work`` (one of LOADER_WORK) per tile."""
+    from moma.engine.trainer import Trainer
+
+    sized = argparse.Namespace(**{**vars(args), "image_size": size})
+    cfg = variant_config(sized, "none", workdir, teachers, workers)
+    cfg.data.cache = cache
+    cfg.data.tile_store_dir = str(workdir / "tile_stores")
+    cfg.augment.randaugment = "RandAugment" in work
+    run_dir = workdir / f"store-{size}-{cache}-{LOADER_WORK.index(work)}-{time.monotonic_ns()}"
+    run_dir.mkdir(parents=True)
+    trainer = Trainer(cfg, run_dir)
+    if work == LOADER_WORK[-1]:
+        trainer.data.train.transform = None
+    return trainer
+
+
+def loader_rate(loader, batches: int) -> float:
+    """Tiles/s of ``batches`` batches, after one untimed batch (workers started, first-call costs)."""
+    iterator = iter(loader)
+    next(iterator)
+    start, tiles = time.perf_counter(), 0
+    for _ in range(batches):
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            iterator = iter(loader)
+            batch = next(iterator)
+        tiles += len(batch[0])
+    return tiles / (time.perf_counter() - start)
+
+
+def build_store_once(args, workdir: Path, teachers: dict[str, Path], size: int) -> float:
+    """Seconds to decode every tile into the store (the one-off cost the later runs save)."""
+    start = time.perf_counter()
+    storage_trainer(args, workdir, teachers, size, "disk", LOADER_WORK[0], 0).close()
+    return time.perf_counter() - start
+
+
+def store_workers(args, workdir: Path, teachers: dict[str, Path], size: int) -> int:
+    """--store-workers as a count: ``auto`` as training resolves it for tiles decoded from files."""
+    if args.store_workers != "auto":
+        return int(args.store_workers)
+    trainer = storage_trainer(args, workdir, teachers, size, "off", LOADER_WORK[0], "auto")
+    workers = trainer._num_workers()
+    trainer.close()
+    return workers
+
+
+def student_step_rate(args, workdir: Path, teachers: dict[str, Path], size: int) -> float:
+    from moma.distill.base import Batch
+
+    trainer = storage_trainer(args, workdir, teachers, size, "memory", LOADER_WORK[0], 0)
+    batches = []
+    for images, targets, index, *_ in trainer.train_loader(0):  # (a training sample may add its view)
+        batches.append(Batch(images.to(trainer.device), targets.to(trainer.device), index.to(trainer.device)))
+        if len(batches) == 2:
+            break
+    run_steps(trainer, batches, args.warmup)
+    seconds = statistics.median(run_steps(trainer, batches, args.steps)[0] / args.steps for _ in range(args.store_rounds))
+    return args.batch_size / seconds
+
+
+def measure_tile_store(args, workdir: Path, teachers: dict[str, Path]) -> list[dict]:
+    """Per size and transform: loader tiles/s from files, the tile store and memory (medians)."""
+    rows = []
+    for size in [int(s) for s in args.store_sizes.split(",") if s.strip()]:
+        build_seconds = build_store_once(args, workdir, teachers, size)
+        workers = store_workers(args, workdir, teachers, size)
+        step = student_step_rate(args, workdir, teachers, size) if args.store_step else None
+        for work in LOADER_WORK:
+            trainers = {cache: storage_trainer(args, workdir, teachers, size, cache, work, workers)
+                        for cache in STORAGES}
+            loaders = {cache: trainer.train_loader(0) for cache, trainer in trainers.items()}
+            rates: dict[str, list[float]] = {cache: [] for cache in STORAGES}
+            for round_index in range(args.store_rounds):
+                order = STORAGES[round_index % 3:] + STORAGES[:round_index % 3]
+                for cache in order:
+                    rates[cache].append(loader_rate(loaders[cache], args.loader_batches))
+            for trainer in trainers.values():
+                trainer.close()
+            row = {"size": size, "work": work, "workers": workers, "build_s": build_seconds,
+                   "step": step, "tiles": len(trainers["off"].data.train)}
+            row.update({cache: statistics.median(values) for cache, values in rates.items()})
+            row["raw"] = rates
+            rows.append(row)
+            print(f"{size} px, {work}: " + ", ".join(
+                f"{cache} {row[cache]:.0f}" for cache in STORAGES) + " tiles/s", flush=True)
+    return rows
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return f"cuda ({torch.cuda.get_device_name(0)})"
+    return f"cpu ({machine()})"
+
+
+def print_store_report(args, rows: list[dict]) -> None:
+    print(f"\ndevice: {device_name()}")
+    print(f"training loader, batch {args.batch_size}, {args.loader_batches} batches x {args.store_rounds} rounds "
+          f"(medians), {args.threads} torch thread(s) in the main process\n")
+    print("| px | loader work per tile | num_workers | files (cache=off) tiles/s | tile store (cache=disk) tiles/s | store / files "
+          "| memory tiles/s | store built once in | student step tiles/s (none, device) |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for row in rows:
+        step = "" if row["step"] is None else f"{row['step']:.0f}"
+        print(f"| {row['size']} | {row['work']} | {row['workers']} | {row['off']:.0f} | {row['disk']:.0f} | "
+              f"{row['disk'] / row['off']:.2f}x | {row['memory']:.0f} | {row['build_s']:.1f} s | {step} |")
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -366,6 +504,9 @@ def main(argv=None) -> None:
                                           [f"other{i}" for i in range(len(classes) + 1)], args.image_size)}
         if args.profile:
             profile_variant(args, args.profile, workdir, teachers)
+            return
+        if args.tile_store:
+            print_store_report(args, measure_tile_store(args, workdir, teachers))
             return
         variants = [v.strip() for v in args.variants.split(",") if v.strip()]
         start = time.perf_counter()
