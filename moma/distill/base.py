@@ -47,6 +47,10 @@ class Batch:
     index: torch.Tensor  # row of each sample: 0..N-1 the labelled training set, N.. the pool (N + pool row)
     teacher_input: torch.Tensor | None = None  # the weak view of the same tiles, when it differs from input
     num_labelled: int | None = None  # None: every row is labelled
+    view: torch.Tensor | None = None  # flip/rotation view of each row (moma.data.views), when the transform drew one
+    # The frozen teacher's outputs for these rows and views, read from a teacher cache: the task then
+    # does not run the teacher (logits in the teacher's class order, as the teacher gives them).
+    teacher_outputs: TapOutputs | None = None
 
     @property
     def weak_input(self) -> torch.Tensor:
@@ -100,6 +104,8 @@ class DistillMethod(nn.Module):
     uses_unlabelled: ClassVar[bool] = True
     # Compares a weak and a strong view of each tile (FixMatch): needs data.strong_augment.
     needs_strong_view: ClassVar[bool] = False
+    # Reads the teacher's final feature map (TapOutputs.feature_map, SimKD), which no teacher cache holds.
+    needs_teacher_feature_map: ClassVar[bool] = False
     default_ce_weight: ClassVar[float] = 1.0
     default_kl_weight: ClassVar[float] = 0.0
 
@@ -133,7 +139,28 @@ class DistillMethod(nn.Module):
     def teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
         """The teacher's outputs for this batch; frozen teachers run without gradients."""
         with torch.no_grad():
-            return teacher(images)
+            return self.from_teacher_outputs(teacher(images))
+
+    def from_teacher_outputs(self, outputs: TapOutputs) -> TapOutputs:
+        """What the method takes from the frozen teacher's plain outputs (logits, embedding) for this
+        step: the outputs themselves here; MoMA with keys from the frozen teacher adds its keys. The
+        task calls it with outputs read from a teacher cache instead of :meth:`teacher_forward`."""
+        return outputs
+
+    def teacher_pass_is_plain(self) -> bool:
+        """Whether :meth:`teacher_forward` is the frozen teacher's plain forward pass followed by
+        :meth:`from_teacher_outputs`: the base class's, or an override that delegates to it."""
+        return type(self).teacher_forward is DistillMethod.teacher_forward
+
+    @property
+    def uses_cached_teacher_outputs(self) -> bool:
+        """Whether a teacher cache (``moma embed``, ``distill.teacher_cache``) can stand in for the
+        teacher: the one place that decides it. It holds the frozen teacher's logits and pooled
+        embedding per tile and view, so the method must need a teacher, read no intermediate maps
+        (``teacher_stages``) and no final feature map, leave the teacher's weights alone (not
+        ``updates_teacher``) and run the plain teacher pass (:meth:`teacher_pass_is_plain`)."""
+        return (self.requires_teacher and not self.teacher_stages and not self.needs_teacher_feature_map
+                and not self.updates_teacher and self.teacher_pass_is_plain())
 
     def student_logits(self, student: TapOutputs) -> torch.Tensor:
         """Logits used for the loss and the metrics (SimKD replaces them)."""

@@ -103,6 +103,7 @@ class SimKD(DistillMethod):
     default_ce_weight = 0.0
     default_kl_weight = 0.0
     student_has_unused_parameters = True  # the student's own classifier gets no gradient
+    needs_teacher_feature_map = True  # the projection target is the teacher's final map: no teacher cache
 
     class Params(MethodParams):
         beta: float = 1.0

@@ -17,7 +17,7 @@ from torch import nn
 from moma.distill.base import Batch, DistillMethod
 from moma.distill.kd import kd_loss
 from moma.models.deployed import DeployedClassifier
-from moma.models.taps import FeatureTap
+from moma.models.taps import FeatureTap, TapOutputs
 from moma.utils.collectives import unwrap_parallel
 
 log = logging.getLogger(__name__)
@@ -97,13 +97,24 @@ class DistillationTask(nn.Module):
     def _teacher_logits(self, logits: torch.Tensor) -> torch.Tensor:
         return logits[:, self.teacher_class_order] if self.teacher_class_order.numel() else logits
 
+    def _teacher_outputs(self, batch: Batch) -> TapOutputs | None:
+        """The teacher side of the step: the outputs a teacher cache holds for the batch's tiles and
+        views when the batch carries them (the teacher does not run), else the method's teacher pass.
+        Either way the logits come in the student's class order."""
+        if self.teacher is None:
+            return None
+        if batch.teacher_outputs is not None:
+            cached = batch.teacher_outputs
+            out = self.method.from_teacher_outputs(TapOutputs(logits=cached.logits, embedding=cached.embedding))
+        else:
+            out = self.method.teacher_forward(self.teacher, self.teacher_input(batch.weak_input))
+        out.logits = self._teacher_logits(out.logits)  # methods see the student's class order
+        return out
+
     def forward(self, batch: Batch) -> dict:
         student_out = self.student(batch.input)
         start = time.perf_counter()
-        teacher_out = None
-        if self.teacher is not None:
-            teacher_out = self.method.teacher_forward(self.teacher, self.teacher_input(batch.weak_input))
-            teacher_out.logits = self._teacher_logits(teacher_out.logits)  # methods see the student's class order
+        teacher_out = self._teacher_outputs(batch)
         terms = dict(self.method(student_out, teacher_out, batch))  # on every row, pool tiles included
         self.extras_seconds = time.perf_counter() - start
         logits = self.method.student_logits(student_out)
