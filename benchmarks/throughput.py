@@ -153,7 +153,7 @@ def fixed_batches(trainer, count: int):
 
     loader = trainer.train_loader(0)
     batches = []
-    for images, targets, index in loader:
+    for images, targets, index, *_ in loader:  # a training sample also names its flip/rotation view
         batches.append(Batch(images.to(trainer.device), targets.to(trainer.device), index.to(trainer.device)))
         if len(batches) == count:
             break

@@ -16,6 +16,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from moma.data.tiles import TileTable, load_rgb
+from moma.data.transforms import NO_VIEW, transform_with_view
 from moma.errors import DataError
 
 if TYPE_CHECKING:
@@ -135,6 +136,9 @@ class TileDataset(Dataset):
         self.images = torch.stack(images) if cache else None
         self.store = store
         self.store_rows = None if store_rows is None else store_rows[keep]
+        # Per row, the views a training transform may draw (a teacher cache holding a fixed subset of
+        # each tile's views); None: any view of the configured flips and rotations.
+        self.view_choices: np.ndarray | None = None
 
     @property
     def classes(self) -> list[str]:
@@ -189,14 +193,17 @@ class TileDataset(Dataset):
     def __getitem__(self, item: int | tuple[int, int]):
         """``item`` is a row, or ``(row, seed)``: the augmentation then draws from torch's generator
         seeded with ``seed`` (the caller's generator state is restored afterwards), so a sample's
-        augmentation does not depend on which loader worker produced it."""
+        augmentation does not depend on which loader worker produced it. A training transform (one
+        that draws a flip/rotation view) adds the view number: ``(image, target, index, view)``."""
         index, seed = item if isinstance(item, tuple) else (item, None)
-        image = self.raw_image(index)
+        image, view = self.raw_image(index), NO_VIEW
         if self.transform is not None:
+            choices = None if self.view_choices is None else self.view_choices[index]
             if seed is None:
-                image = self.transform(image)
+                image, view = transform_with_view(self.transform, image, choices)
             else:
                 with torch.random.fork_rng(devices=[]):
                     torch.manual_seed(seed)
-                    image = self.transform(image)
-        return image, self.targets[index], index
+                    image, view = transform_with_view(self.transform, image, choices)
+        sample = (image, self.targets[index], index)
+        return sample if view == NO_VIEW else (*sample, view)

@@ -1,8 +1,19 @@
 """Tile transforms. Tiles arrive as uint8 CHW tensors already resized to the configured size.
 
-Training: random flips and 90-degree rotations (histology has no 'up'), RandAugment as in the
+Training: one of the tile's flip/rotation views (histology has no 'up'), RandAugment as in the
 paper, optional H&E stain jitter; then float conversion and normalisation. Evaluation:
 normalisation only. The mean/std used are stored in every checkpoint.
+
+The geometric draw picks one view number uniformly from the group the configured flips and
+rotations generate (:func:`moma.data.views.view_group`; independent random flips and quarter turns
+give each of its elements with the same probability, so the distribution is theirs) and applies it
+with :func:`moma.data.views.apply_view`. The training transforms (:class:`ViewedTransform`) report
+the view they drew, and the datasets pass it on with each sample, so a training step knows which
+view the teacher sees: a teacher cache (``moma embed``) holds the frozen teacher's outputs per tile
+and view, and a step reads them instead of running the teacher. That needs the teacher's input to
+be a pure view (stain-normalised tile, one view, no photometric change): the weak view of two-view
+training, or the single view of a training transform without RandAugment and stain jitter
+(:attr:`ViewedTransform.teacher_view_is_pure`).
 
 Two views (``data.strong_augment``, as Noisy Student and FixMatch): one decode and one geometric
 draw (flips, 90-degree rotations) give the teacher's *weak* view; the student's *strong* view adds
@@ -22,6 +33,9 @@ from torchvision.transforms import v2
 
 from moma.config import AugmentConfig
 from moma.data.stain import HEDJitter
+from moma.data.views import apply_view, view_group
+
+NO_VIEW = -1  # the view of a sample whose transform draws none (evaluation)
 
 # The paper uses timm's "rand-n2-m10-mstd0.5": magnitude on a 0..10 scale. torchvision's
 # RandAugment spreads its magnitude over 31 bins (0..30) covering the same op ranges, so the
@@ -29,21 +43,33 @@ from moma.data.stain import HEDJitter
 _TIMM_LEVEL_TO_TV_BIN = 3
 
 
-class RandomRot90(torch.nn.Module):
-    """Rotate by k * 90 degrees, k uniform in {0, 1, 2, 3}."""
+class RandomView(torch.nn.Module):
+    """One view drawn uniformly from ``views`` (view numbers of :mod:`moma.data.views`) and applied.
+    ``draw`` also returns the number; a ``choices`` argument narrows the draw to those views (a
+    teacher cache that holds a fixed subset of each tile's views)."""
+
+    def __init__(self, views: tuple[int, ...]):
+        super().__init__()
+        self.views = tuple(views)
+
+    def draw(self, image: torch.Tensor, choices=None) -> tuple[torch.Tensor, int]:
+        views = self.views if choices is None else tuple(int(v) for v in choices)
+        view = views[int(torch.randint(0, len(views), (1,)))] if len(views) > 1 else views[0]
+        return apply_view(image, view), view
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        k = int(torch.randint(0, 4, (1,)))
-        return torch.rot90(image, k, dims=(-2, -1)) if k else image
+        return self.draw(image)[0]
+
+    def extra_repr(self) -> str:
+        return f"views={self.views}"
 
 
 def normalize_transform(aug: AugmentConfig) -> v2.Compose:
     return v2.Compose([v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(aug.mean), list(aug.std))])
 
 
-def build_train_transform(aug: AugmentConfig, stain: torch.nn.Module | None = None) -> v2.Compose:
-    steps = _stain_steps(stain) + _geometric_steps(aug) + _photometric_steps(aug)
-    return v2.Compose(steps + list(normalize_transform(aug).transforms))
+def build_train_transform(aug: AugmentConfig, stain: torch.nn.Module | None = None) -> "TrainTransform":
+    return TrainTransform(aug, stain)
 
 
 def build_eval_transform(aug: AugmentConfig, stain: torch.nn.Module | None = None) -> v2.Compose:
@@ -56,15 +82,9 @@ def _stain_steps(stain: torch.nn.Module | None) -> list[torch.nn.Module]:
     return [] if stain is None else [stain]
 
 
-def _geometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
-    steps: list[torch.nn.Module] = []
-    if aug.hflip:
-        steps.append(v2.RandomHorizontalFlip())
-    if aug.vflip:
-        steps.append(v2.RandomVerticalFlip())
-    if aug.rot90:
-        steps.append(RandomRot90())
-    return steps
+def training_views(aug: AugmentConfig) -> tuple[int, ...]:
+    """The view numbers the configured flips and rotations draw from."""
+    return view_group(aug.hflip, aug.vflip, aug.rot90)
 
 
 def _photometric_steps(aug: AugmentConfig) -> list[torch.nn.Module]:
@@ -98,20 +118,67 @@ def _compose(steps: list[torch.nn.Module]) -> torch.nn.Module:
     return v2.Compose(steps) if steps else torch.nn.Identity()  # v2.Compose refuses an empty list
 
 
-class TwoViews(torch.nn.Module):
-    """uint8 tile -> (strong view for the student, weak view for the teacher), both normalised."""
+class ViewedTransform(torch.nn.Module):
+    """A training transform: stain normalisation, one drawn view, then what the subclass adds.
+    ``forward`` gives what the dataset yields as the image; ``with_view`` also the view number."""
+
+    teacher_view_is_pure: bool = False  # the teacher's input is the stain-normalised tile in one view, nothing else
 
     def __init__(self, aug: AugmentConfig, stain: torch.nn.Module | None = None):
         super().__init__()
-        self.geometric = _compose(_stain_steps(stain) + _geometric_steps(aug))
-        self.strong = _strong_photometric(aug)
+        self.stain = _compose(_stain_steps(stain))
+        self.view = RandomView(training_views(aug))
         self.normalize = normalize_transform(aug)
 
-    def forward(self, image: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        weak = self.geometric(image)
-        return self.normalize(self.strong(weak)), self.normalize(weak)
+    @property
+    def views(self) -> tuple[int, ...]:
+        return self.view.views
+
+    def with_view(self, image: torch.Tensor, choices=None):
+        viewed, view = self.view.draw(self.stain(image), choices)
+        return self.finish(viewed), view
+
+    def finish(self, viewed: torch.Tensor):
+        raise NotImplementedError
+
+    def forward(self, image: torch.Tensor):
+        return self.with_view(image)[0]
 
 
-def build_student_transform(aug: AugmentConfig, strong_augment: bool, stain: torch.nn.Module | None = None):
+class TrainTransform(ViewedTransform):
+    """uint8 tile -> one normalised training view (student and teacher see the same)."""
+
+    def __init__(self, aug: AugmentConfig, stain: torch.nn.Module | None = None):
+        super().__init__(aug, stain)
+        steps = _photometric_steps(aug)
+        self.photometric = _compose(steps)
+        self.teacher_view_is_pure = not steps
+
+    def finish(self, viewed: torch.Tensor) -> torch.Tensor:
+        return self.normalize(self.photometric(viewed))
+
+
+class TwoViews(ViewedTransform):
+    """uint8 tile -> (strong view for the student, weak view for the teacher), both normalised."""
+
+    teacher_view_is_pure = True
+
+    def __init__(self, aug: AugmentConfig, stain: torch.nn.Module | None = None):
+        super().__init__(aug, stain)
+        self.strong = _strong_photometric(aug)
+
+    def finish(self, viewed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.normalize(self.strong(viewed)), self.normalize(viewed)
+
+
+def transform_with_view(transform, image: torch.Tensor, choices=None):
+    """``(transformed image, view number)``; :data:`NO_VIEW` for a transform that draws no view."""
+    if isinstance(transform, ViewedTransform):
+        return transform.with_view(image, choices)
+    return transform(image), NO_VIEW
+
+
+def build_student_transform(aug: AugmentConfig, strong_augment: bool,
+                            stain: torch.nn.Module | None = None) -> ViewedTransform:
     """The training transform: one view for student and teacher, or two views with ``strong_augment``."""
-    return TwoViews(aug, stain) if strong_augment else build_train_transform(aug, stain)
+    return TwoViews(aug, stain) if strong_augment else TrainTransform(aug, stain)

@@ -36,6 +36,7 @@ from moma.data.dataset import decode_tile
 from moma.data.splits import UNUSED
 from moma.data.tile_store import TileStore, locate, open_tile_store
 from moma.data.tiles import IMAGE_SUFFIXES, MANIFEST_NAME, TileTable
+from moma.data.transforms import NO_VIEW, transform_with_view
 from moma.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -183,7 +184,8 @@ def open_pool_stores(paths: Sequence[str], sources: Sequence[str], table_store: 
 
 
 class UnlabelledDataset(Dataset):
-    """Yields ``(image_or_views, index, skipped_path)``, decoding a tile only when it is asked for.
+    """Yields ``(image_or_views, index, skipped_path)``, decoding a tile only when it is asked for;
+    a training transform (one that draws a flip/rotation view) adds the view number.
 
     ``item`` is ``(row, seed)`` as from :class:`~moma.engine.distributed.PoolSampler`. An unreadable
     tile is never raised in a loader worker (where its message would come wrapped in a traceback):
@@ -197,6 +199,7 @@ class UnlabelledDataset(Dataset):
         self.paths = pool.paths
         self.image_size = image_size
         self.transform = transform
+        self.view_choices: np.ndarray | None = None  # per row, as TileDataset.view_choices
         self.stores = list(stores)
         self.store_of, self.store_rows = locate(self.paths, self.stores)
 
@@ -228,8 +231,10 @@ class UnlabelledDataset(Dataset):
             row, image, bad = self._first_readable(index)
         except DataError:  # 16 unreadable in a row: a black stand-in, and the loop stops on the bad path
             row, image, bad = index, torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), str(self.paths[index])
+        view = NO_VIEW
         if self.transform is not None:
+            choices = None if self.view_choices is None else self.view_choices[row]
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(seed)
-                image = self.transform(image)
-        return image, row, bad
+                image, view = transform_with_view(self.transform, image, choices)
+        return (image, row, bad) if view == NO_VIEW else (image, row, bad, view)

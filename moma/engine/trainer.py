@@ -219,24 +219,33 @@ class Trainer:
 
     def _make_batch(self, labelled: tuple, pool: tuple | None) -> Batch:
         """The step's batch: the labelled tiles, then the pool's (target UNLABELLED, index after the
-        labelled rows) when there is a pool."""
-        images, targets, index = labelled
+        labelled rows) when there is a pool, each row with the view its transform drew."""
+        images, targets, index, *view = labelled
         student, weak = self._to_device(images)
-        targets, index = targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True)
+        view = view[0] if view else None
         if pool is None:
-            return Batch(student, targets, index, teacher_input=weak)
-        pool_images, pool_rows, skipped = pool
+            batch = Batch(student, targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True),
+                          teacher_input=weak)
+            return self._with_views(batch, index, view)
+        pool_images, pool_rows, skipped, *pool_view = pool
         self._note_skipped(skipped)
         pool_student, pool_weak = self._to_device(pool_images)
         n = len(targets)
-        pool_rows = pool_rows.to(self.device, non_blocking=True) + len(self.data.train)
-        return Batch(
+        rows = torch.cat([index, pool_rows + len(self.data.train)])
+        batch = Batch(
             torch.cat([student, pool_student]),
-            torch.cat([targets, torch.full_like(pool_rows, UNLABELLED)]),
-            torch.cat([index, pool_rows]),
+            torch.cat([targets, torch.full_like(pool_rows, UNLABELLED)]).to(self.device, non_blocking=True),
+            rows.to(self.device, non_blocking=True),
             teacher_input=None if weak is None else torch.cat([weak, pool_weak]),
             num_labelled=n,
         )
+        return self._with_views(batch, rows, None if view is None else torch.cat([view, pool_view[0]]))
+
+    def _with_views(self, batch: Batch, rows: torch.Tensor, view: torch.Tensor | None) -> Batch:
+        """``batch`` with each row's flip/rotation view (``rows``: the batch index, on the host)."""
+        if view is not None:
+            batch.view = view.to(self.device, non_blocking=True)
+        return batch
 
     def _note_skipped(self, skipped: list[str]) -> None:
         bad = [path for path in skipped if path]
