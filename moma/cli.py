@@ -365,6 +365,21 @@ def cmd_import_teacher(args) -> int:
     return 0
 
 
+def cmd_embed(args) -> int:
+    from moma.engine.teacher_cache import embed_sources
+
+    done = embed_sources(args.teacher, args.data, out=args.out, image_size=args.image_size, views=args.views,
+                         view_seed=args.view_seed, stain_method=args.stain_method, stain_reference=args.stain_reference,
+                         device=args.device, batch_size=args.batch_size, workers=args.workers,
+                         shard_tiles=args.shard_tiles, progress=True)
+    kept = f", {done['shards_kept']} kept from an earlier run" if done["shards_kept"] else ""
+    logits = f"{done['logits_width']} logits + " if done["logits_width"] else ""
+    print(f"teacher cache {done['folder']}: {done['tiles']} tiles x {done['views_per_tile']} views, {logits}"
+          f"{done['embedding_width']}-wide embedding each; {done['shards_computed']} shard(s) computed in "
+          f"{done['seconds']:.0f} s{kept}. Use it with --set distill.teacher_cache={done['folder']}")
+    return 0
+
+
 def cmd_export(args) -> int:
     from moma.engine.export import export_onnx
 
@@ -446,6 +461,27 @@ def build_parser() -> argparse.ArgumentParser:
     imported.add_argument("--std", help="normalisation std, e.g. 0.229,0.224,0.225 (default: its config)")
     imported.add_argument("--out", required=True, help="teacher checkpoint to write (.safetensors)")
     imported.set_defaults(func=cmd_import_teacher)
+
+    embed = sub.add_parser("embed", help="compute a frozen teacher's outputs once per tile and flip/rotation view "
+                                         "(a teacher cache for distill.teacher_cache)")
+    embed.add_argument("teacher", help="teacher checkpoint (.safetensors) or its run folder")
+    embed.add_argument("data", nargs="+", metavar="DATA", help="tile folders, manifest CSVs or `moma tile` output: "
+                       "the labelled data and the unlabelled pool the runs will use")
+    embed.add_argument("--out", help="cache folder (default: teacher_cache/<teacher arch>-<fingerprint>); re-running "
+                       "the same command completes an interrupted cache")
+    embed.add_argument("--image-size", type=_positive(int), help="tile size in pixels, as data.image_size of the "
+                       "runs (default: the teacher's)")
+    embed.add_argument("--views", default="all", help="all: the 8 flip/rotation views of every tile; N: N views per "
+                       "tile drawn once (seeded), training then draws from those")
+    embed.add_argument("--view-seed", type=int, default=0, help="seed of the views drawn with --views N")
+    embed.add_argument("--stain-reference", metavar="TILE", help="stain-normalise to this tile first, as "
+                       "data.stain_normalize.reference of the runs")
+    embed.add_argument("--stain-method", choices=["macenko", "reinhard"], default="macenko")
+    embed.add_argument("--batch-size", type=_positive(int), default=64)
+    embed.add_argument("--workers", type=_count, default=0, help="reader processes")
+    embed.add_argument("--shard-tiles", type=_positive(int), default=1024, help="tiles per shard file")
+    embed.add_argument("--device", default="auto")
+    embed.set_defaults(func=cmd_embed)
 
     export = sub.add_parser("export", help="export a student checkpoint for deployment (ONNX)")
     export.add_argument("checkpoint", help="a .safetensors checkpoint or a run folder")

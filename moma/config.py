@@ -219,6 +219,26 @@ class DistillConfig(Section):
         3, ge=1, description="with data.unlabelled: unlabelled tiles per labelled tile in each step (FixMatch's mu; "
         "7 in FixMatch, 3 here to keep a CPU step affordable)")
     params: dict[str, Any] = Field(default_factory=dict, description="method hyper-parameters")
+    teacher_cache: str = Field(
+        "off", description="off: the teacher runs every step; auto: its outputs per tile and flip/rotation view are "
+        "computed once into a cache (found or made under teacher_cache_dir) and read instead, where the method and "
+        "augmentation allow it (a frozen teacher seeing a pure view); or a folder (`moma embed` output, made there "
+        "if missing)")
+    teacher_cache_dir: str | None = Field(
+        None, description="where teacher_cache=auto keeps its caches; default: teacher_cache/ beside run.output_dir "
+        "(moma compare: one inside the compare folder)")
+
+    @field_validator("teacher_cache", mode="before")
+    @classmethod
+    def _cache_setting(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML reads a bare off / on as a bool
+            return "auto" if value else "off"
+        if not isinstance(value, str):
+            return value
+        value = value.strip()
+        if not value:
+            raise ValueError("distill.teacher_cache is empty: give off, auto or a folder")
+        return value.lower() if value.lower() in ("off", "auto") else value
 
 
 class Config(Section):

@@ -460,6 +460,9 @@ def check_moma(command: Command, argv: list[str], runs: dict[str, Any]) -> Check
         elif sub == "import-teacher":
             item.inputs.append(_norm(args.source))
             item.outputs.append(_norm(args.out))
+        elif sub == "embed":
+            item.inputs += [_norm(args.teacher), *map(_norm, args.data), _norm(args.stain_reference)]
+            item.outputs.append(_norm(args.out))
         elif sub == "tile":
             item.inputs += [*map(_norm, args.inputs), _norm(args.annotations)]
             item.outputs.append(_norm(args.out))

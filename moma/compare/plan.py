@@ -13,6 +13,7 @@ from moma.compare.config import REST, CompareConfig
 from moma.config import Config, build_config
 from moma.engine.layout import BEST_NAME, CONFIG_NAME
 from moma.engine.runs import create_run_dir
+from moma.engine.teacher_cache import DEFAULT_DIR as TEACHER_CACHE_DIR
 from moma.errors import ConfigError
 
 COMPARE_CONFIG_NAME = "compare.yaml"
@@ -190,6 +191,8 @@ class GridPlan:
         tree = _absolute_paths(cfg.training_tree(setting.sections(), grid_keys))
         if setting.teacher is not None:
             tree["distill"]["teacher"] = str(self.teacher_checkpoint(setting.teacher))
+        if tree["distill"].get("teacher_cache") not in (None, False, "off") and not tree["distill"].get("teacher_cache_dir"):
+            tree["distill"]["teacher_cache_dir"] = str(self.out / TEACHER_CACHE_DIR)  # one cache for every cell
         holdout = self._holdout_for(tree["data"].get("source"))
         if holdout is not None:
             tree["data"]["source"] = str(self.holdout_paths(holdout)[1])

@@ -94,6 +94,12 @@ def _read_source(source: str, group_column: str | None) -> tuple[list[str], list
     raise DataError(f"unlabelled source {source}: expected a folder of tiles, a manifest CSV or '{REST}'")
 
 
+def source_paths(source: str) -> list[str]:
+    """The tile paths of one source (a folder searched recursively, a manifest CSV, `moma tile`
+    output), absolute: what ``moma embed`` computes a teacher's outputs for."""
+    return _read_source(source, None)[0]
+
+
 def _rest_of_split(table: TileTable, split: pd.DataFrame) -> tuple[list[str], list[str] | None]:
     """The training tiles outside the labelled subset (split.csv's ``unused`` rows)."""
     unused = set(split.loc[split["split"] == UNUSED, "rel_path"])

@@ -60,6 +60,7 @@ from moma.engine.state import (
     save_training_state,
     set_rng_state,
 )
+from moma.engine.teacher_cache import open_for_run
 from moma.errors import DataError, MomaError
 from moma.metrics import summary
 from moma.utils.collectives import all_gather_rows, unshuffle
@@ -90,6 +91,9 @@ class Trainer:
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
                                                 train_targets=self.data.train.targets, setup=setup,
                                                 total_steps=self.total_steps, num_unlabelled=self.data.num_unlabelled)
+        # The frozen teacher's outputs read from a cache instead of computed every step (distill.teacher_cache).
+        self.teacher_cache = None if setup.teacher is None else open_for_run(cfg, self.data, setup.teacher,
+                                                                             self.task.method, self.device)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -219,7 +223,7 @@ class Trainer:
 
     def _make_batch(self, labelled: tuple, pool: tuple | None) -> Batch:
         """The step's batch: the labelled tiles, then the pool's (target UNLABELLED, index after the
-        labelled rows) when there is a pool, each row with the view its transform drew."""
+        labelled rows) when there is a pool; with a teacher cache, the teacher's outputs for their views."""
         images, targets, index, *view = labelled
         student, weak = self._to_device(images)
         view = view[0] if view else None
@@ -242,9 +246,12 @@ class Trainer:
         return self._with_views(batch, rows, None if view is None else torch.cat([view, pool_view[0]]))
 
     def _with_views(self, batch: Batch, rows: torch.Tensor, view: torch.Tensor | None) -> Batch:
-        """``batch`` with each row's flip/rotation view (``rows``: the batch index, on the host)."""
+        """``batch`` with each row's view and, with a teacher cache, the teacher's outputs read from it
+        (looked up on the host, from the loader's tensors, before anything waits for the device)."""
         if view is not None:
             batch.view = view.to(self.device, non_blocking=True)
+        if self.teacher_cache is not None:
+            batch.teacher_outputs = self.teacher_cache.outputs(rows, view, self.device)
         return batch
 
     def _note_skipped(self, skipped: list[str]) -> None:
