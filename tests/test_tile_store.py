@@ -268,3 +268,10 @@ def test_an_unknown_cache_value_is_refused_naming_the_key():
 
     with pytest.raises(ConfigError, match="data.cache"):
         build_config({"data": {"cache": "ssd"}})
+
+
+def test_a_grid_cell_is_not_refused_for_reading_its_tiles_another_way():
+    from moma.compare.plan import config_differences
+
+    stored = {"data": {"cache": True, "tile_store_dir": None}}
+    assert config_differences(stored, {"data": {"cache": "disk", "tile_store_dir": "/scratch/stores"}}) == []

@@ -20,7 +20,8 @@ COMPARE_CONFIG_NAME = "compare.yaml"
 # Keys that change how a run executes, not what it computes: ignored when a re-run checks that a
 # finished cell was trained with the config it would get now.
 VOLATILE_KEYS = {("run", "name"), ("run", "output_dir"), ("run", "device"), ("train", "progress"),
-                 ("train", "tensorboard"), ("train", "profile"), ("data", "num_workers"), ("data", "cache")}
+                 ("train", "tensorboard"), ("train", "profile"), ("data", "num_workers"), ("data", "cache"),
+                 ("data", "tile_store_dir")}
 
 
 @dataclass(frozen=True)
