@@ -9,9 +9,10 @@ Sources (``data.unlabelled``, repeatable ``moma distill --unlabelled``):
   (``data.train_per_class`` / ``train_fraction``), their labels hidden.
 
 The pool is a list of paths (and groups): nothing is decoded up front, a tile is read when a
-training step draws it, so a pool of 100,000 tiles costs the memory of its path strings. With
-``data.cache=disk`` its tiles are read from tile stores (:mod:`moma.data.tile_store`: decoded once,
-read tile by tile, shared by every run and grid cell) instead of being decoded again on every draw.
+training step draws it, so a pool of 100,000 tiles costs the memory of its path strings. When the
+labelled tiles are in a tile store (``data.cache=disk``), the pool's are read from tile stores too
+(:mod:`moma.data.tile_store`: decoded once, read tile by tile, shared by every run and grid cell)
+instead of being decoded again on every draw.
 
 Leakage guard: a pool tile that is also a validation or test tile (the same file, or a file with
 the same bytes) is refused, naming it; when both sides know their groups (patients, slides), a
