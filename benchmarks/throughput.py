@@ -394,7 +394,9 @@ def storage_trainer(args, workdir: Path, teachers: dict[str, Path], size: int, c
 
 
 def loader_rate(loader, batches: int) -> float:
-    """Tiles/s of ``batches`` batches, after one untimed batch (workers started, first-call costs)."""
+    """Tiles/s of ``batches`` batches, after one untimed batch (workers started, first-call costs).
+    The rest of the pass is drained untimed: batches the workers prefetched would otherwise still be
+    in the making while the next loader is timed, and take its cores."""
     iterator = iter(loader)
     next(iterator)
     start, tiles = time.perf_counter(), 0
@@ -405,7 +407,10 @@ def loader_rate(loader, batches: int) -> float:
             iterator = iter(loader)
             batch = next(iterator)
         tiles += len(batch[0])
-    return tiles / (time.perf_counter() - start)
+    rate = tiles / (time.perf_counter() - start)
+    for _ in iterator:
+        pass
+    return rate
 
 
 def build_store_once(args, workdir: Path, teachers: dict[str, Path], size: int) -> float:
