@@ -33,6 +33,13 @@ One process, one student/teacher pair (same architecture, random weights), the s
    next to KD's teacher pass: the key pass with split-batch BN, the EMA update, projection heads
    + batch attention + InfoNCE over the queue (forward and backward).
 
+5. **A cached foundation-size teacher.** A KD step (resnet18 student by default) with a ViT-B/16
+   teacher (``vit_base_patch16_224`` at ``--cache-image-size``, random weights) read from a teacher
+   cache (``moma embed``, one stored view per tile), against the same step with the live ViT-B
+   teacher and against a vanilla step (``none``), interleaved as in part 1. The cached step's time
+   includes reading the batch's teacher outputs from the cache; the time to make the cache (one
+   teacher forward per tile and view, once) is reported beside it.
+
 **Tile store** (``--tile-store``, on its own, then exit): the training loader (the same
 ``num_workers`` for all) reading tiles decoded from their files on every read (``data.cache=off``),
 from the uint8 tile store (``data.cache=disk``, built once before timing; its build time is
@@ -51,6 +58,7 @@ OpenMP's spinning threads turn other processes' load into CPU time too).
     python benchmarks/throughput.py                          # defaults, a few minutes on 2 CPU cores
     python benchmarks/throughput.py --arch efficientnet_b0 --rounds 3 --steps 4
     python benchmarks/throughput.py --profile moma-official     # operator profile of a few steps, then exit
+    python benchmarks/throughput.py --skip steps,loader,wait,parts   # part 5 only: cached vs live ViT-B teacher
     python benchmarks/throughput.py --tile-store     # loader tiles/s: files vs tile store vs memory, 64 and 224 px
 """
 
@@ -90,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--workers", default="0,1,2,auto", help="num_workers settings of parts 2 and 3")
     parser.add_argument("--loader-batches", type=int, default=12, help="batches per loader measurement")
     parser.add_argument("--wait-steps", type=int, default=8, help="steps per epoch of part 3")
-    parser.add_argument("--skip", default="", help="comma-separated parts to skip: steps, loader, wait, parts")
+    parser.add_argument("--skip", default="", help="comma-separated parts to skip: steps, loader, wait, parts, cache")
+    parser.add_argument("--cache-teacher", default="vit_base_patch16_224", help="timm name of the teacher of part 5")
+    parser.add_argument("--cache-student", default="resnet18", help="timm name of the student of part 5")
+    parser.add_argument("--cache-image-size", type=int, default=64, help="tile size of part 5 (the ViT's img_size)")
     parser.add_argument("--repeats", type=int, default=5, help="repeats per MoMA part (part 4)")
     parser.add_argument("--profile", choices=VARIANTS, help="torch.profiler table of a few steps of one variant")
     parser.add_argument("--tile-store", action="store_true",
@@ -310,6 +321,98 @@ def measure_moma_parts(args, workdir: Path, teachers: dict[str, Path]) -> dict[s
     }
 
 
+CACHE_VARIANTS = ("vanilla", "kd, live teacher", "kd, cached teacher")
+
+
+def save_vit_teacher(path: Path, arch: str, classes: list[str], image_size: int) -> Path:
+    """A randomly initialised ViT teacher at ``image_size`` (its ``img_size`` recorded as an import's model_args)."""
+    from moma.config import IMAGENET_MEAN, IMAGENET_STD
+    from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
+    from moma.models.backbone import create_backbone
+
+    torch.manual_seed(0)
+    model_args = {"img_size": image_size}
+    model = create_backbone(arch, len(classes), model_args=model_args)
+    meta = ModelMetadata(arch, classes, image_size, list(IMAGENET_MEAN), list(IMAGENET_STD), method="imported",
+                         config={"model_args": model_args})
+    save_model_checkpoint(path, model.state_dict(), meta)
+    return path
+
+
+def cache_trainer(args, variant: str, workdir: Path, teacher: Path, cache: Path):
+    from moma.config import build_config
+    from moma.engine.trainer import Trainer
+
+    distill = {"method": "none"} if variant == "vanilla" else {
+        "method": "kd", "teacher": str(teacher), "teacher_cache": str(cache) if "cached" in variant else "off"}
+    tree = {
+        "run": {"name": "cache", "output_dir": str(workdir / "runs"), "seed": 0},
+        "data": {"source": args.data, "image_size": args.cache_image_size, "num_workers": 0, "strong_augment": True},
+        "model": {"arch": args.cache_student},
+        "optim": {"batch_size": args.batch_size, "epochs": 2},
+        "train": {"progress": False, "tensorboard": False},
+        "distill": distill,
+    }
+    run_dir = workdir / f"cache-{variant.replace(', ', '-').replace(' ', '-')}"
+    run_dir.mkdir(parents=True)
+    return Trainer(build_config(tree), run_dir)
+
+
+def step_with_cache_read(trainer, batch, step: int) -> None:
+    """One training step, the batch's teacher outputs read from the cache first (as the loop does)."""
+    if trainer.teacher_cache is not None:
+        batch.teacher_outputs = trainer.teacher_cache.outputs(batch.index.cpu(), batch.view.cpu(), trainer.device)
+    trainer._step(batch, 0, step)
+
+
+def measure_cached_teacher(args, workdir: Path, classes: list[str]) -> dict:
+    """Part 5: vanilla vs KD with the live ViT-B teacher vs KD reading the same teacher from a cache."""
+    from moma.engine.teacher_cache import embed_sources
+
+    teacher = save_vit_teacher(workdir / "vit.safetensors", args.cache_teacher, classes, args.cache_image_size)
+    start = time.perf_counter()
+    made = embed_sources(str(teacher), [args.data], out=str(workdir / "cache"), views="1", device="cpu",
+                         batch_size=args.batch_size)
+    cache_seconds = time.perf_counter() - start
+    trainers = {v: cache_trainer(args, v, workdir, teacher, workdir / "cache") for v in CACHE_VARIANTS}
+    batches = {}
+    for variant, trainer in trainers.items():
+        loader = iter(trainer.train_loader(0))
+        batches[variant] = [trainer._make_batch(next(loader), None) for _ in range(2)]
+        trainer.close()
+        trainer.train_model.train()
+        for i in range(args.warmup):
+            step_with_cache_read(trainer, batches[variant][i % 2], i)
+    walls: dict[str, list[float]] = {v: [] for v in CACHE_VARIANTS}
+    cpus: dict[str, list[float]] = {v: [] for v in CACHE_VARIANTS}
+    for round_index in range(args.rounds):
+        shift = round_index % len(CACHE_VARIANTS)
+        for variant in CACHE_VARIANTS[shift:] + CACHE_VARIANTS[:shift]:
+            wall, cpu = time.perf_counter(), time.process_time()
+            for i in range(args.steps):
+                step_with_cache_read(trainers[variant], batches[variant][i % 2], i)
+            walls[variant].append((time.perf_counter() - wall) / args.steps)
+            cpus[variant].append((time.process_time() - cpu) / args.steps)
+        print(f"cache round {round_index + 1}/{args.rounds}: "
+              + ", ".join(f"{v} {args.batch_size / walls[v][-1]:.1f}" for v in CACHE_VARIANTS) + " images/s", flush=True)
+    rows = {v: {"images_per_s": args.batch_size / statistics.median(walls[v]), "cpu_s": statistics.median(cpus[v]),
+                "wall_vs_vanilla": statistics.median(a / b for a, b in zip(walls[v], walls["vanilla"])),
+                "cpu_vs_vanilla": statistics.median(a / b for a, b in zip(cpus[v], cpus["vanilla"]))}
+            for v in CACHE_VARIANTS}
+    return {"rows": rows, "cache_seconds": cache_seconds, "tile_views": made["tiles"] * made["views_per_tile"]}
+
+
+def print_cache_report(args, cache: dict) -> None:
+    print(f"\nmachine: {machine()}")
+    print(f"student {args.cache_student}, teacher {args.cache_teacher} (img_size {args.cache_image_size}), "
+          f"{args.cache_image_size} px, batch {args.batch_size}, {args.rounds} rounds x {args.steps} steps (medians)\n")
+    print("| step | images/s (wall) | step cost vs vanilla: wall / CPU | CPU s/step |\n|---|---|---|---|")
+    for name, row in cache["rows"].items():
+        print(f"| {name} | {row['images_per_s']:.1f} | {row['wall_vs_vanilla']:.2f}x / {row['cpu_vs_vanilla']:.2f}x | "
+              f"{row['cpu_s']:.3f} |")
+    print(f"\nthe cache: {cache['tile_views']} tile-views, one teacher forward each, in {cache['cache_seconds']:.0f} s")
+
+
 def profile_variant(args, variant: str, workdir: Path, teachers: dict[str, Path]) -> None:
     from torch.profiler import ProfilerActivity, profile
 
@@ -519,7 +622,11 @@ def main(argv=None) -> None:
         loader = None if "loader" in skip else measure_loader(args, workdir, teachers, settings)
         wait = None if "wait" in skip else measure_data_wait(args, workdir, teachers, settings)
         parts = None if "parts" in skip else measure_moma_parts(args, workdir, teachers)
-        print_report(args, steps, loader, wait, parts)
+        cache = None if "cache" in skip else measure_cached_teacher(args, workdir, classes)
+        if any(part is not None for part in (steps, loader, wait, parts)):
+            print_report(args, steps, loader, wait, parts)
+        if cache:
+            print_cache_report(args, cache)
         print(f"\n(total {time.perf_counter() - start:.0f} s)")
 
 
