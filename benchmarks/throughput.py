@@ -367,7 +367,7 @@ def step_with_cache_read(trainer, batch, step: int) -> None:
 
 def measure_cached_teacher(args, workdir: Path, classes: list[str]) -> dict:
     """Part 5: vanilla vs KD with the live ViT-B teacher vs KD reading the same teacher from a cache."""
-    from moma.engine.teacher_cache import embed_sources
+    from moma.engine.teacher_cache_write import embed_sources
 
     teacher = save_vit_teacher(workdir / "vit.safetensors", args.cache_teacher, classes, args.cache_image_size)
     start = time.perf_counter()

@@ -366,7 +366,7 @@ def cmd_import_teacher(args) -> int:
 
 
 def cmd_embed(args) -> int:
-    from moma.engine.teacher_cache import embed_sources
+    from moma.engine.teacher_cache_write import embed_sources
 
     done = embed_sources(args.teacher, args.data, out=args.out, image_size=args.image_size, views=args.views,
                          view_seed=args.view_seed, stain_method=args.stain_method, stain_reference=args.stain_reference,

@@ -31,7 +31,7 @@ def teacher(tmp_path):
 
 
 def _embed(teacher_path, sources, folder, **options):
-    from moma.engine.teacher_cache import embed_sources
+    from moma.engine.teacher_cache_write import embed_sources
 
     return embed_sources(str(teacher_path), [str(s) for s in sources], out=str(folder), device="cpu", **options)
 
@@ -39,7 +39,7 @@ def _embed(teacher_path, sources, folder, **options):
 @pytest.fixture
 def count_rows(monkeypatch):
     """Rows (tile-views) the cache writer runs through the teacher, one entry per forward pass."""
-    import moma.engine.teacher_cache as cache_module
+    import moma.engine.teacher_cache_write as cache_module
 
     rows: list[int] = []
     real = cache_module._forward_teacher
@@ -180,7 +180,7 @@ def test_a_grid_computes_each_tile_view_once(tmp_path, tiles, teacher, count_row
 
 def test_an_interrupted_embed_resumes_without_recomputing_finished_shards(tmp_path, tiles, teacher, count_rows,
                                                                          monkeypatch):
-    import moma.engine.teacher_cache as cache_module
+    import moma.engine.teacher_cache_write as cache_module
 
     real = cache_module.CacheWriter.compute_shard
     done: list[str] = []

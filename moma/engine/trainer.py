@@ -60,7 +60,7 @@ from moma.engine.state import (
     save_training_state,
     set_rng_state,
 )
-from moma.engine.teacher_cache import open_for_run
+from moma.engine.teacher_cache_run import open_for_run
 from moma.errors import DataError, MomaError
 from moma.metrics import summary
 from moma.utils.collectives import all_gather_rows, unshuffle
