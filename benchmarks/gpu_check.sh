@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The checks that need one CUDA GPU, in one script (measured: 394 s on one NVIDIA H200, 2026-12-04;
-# expect 5 to 8 minutes on an A100/H100; see docs/compare.md, "The day a GPU is at hand"):
+# The checks that need one CUDA GPU, in one script (measured: 394 s on one NVIDIA H200, 2026-12-04, before step 4's ViT-L rows and step 5 were added;
+# see docs/compare.md, "The day a GPU is at hand"):
 #   1. the CUDA tests (tests/test_cuda.py: bf16/fp16 autocast, channels_last, torch.compile, MoMA on CUDA);
 #   2. an EfficientNet-B0 teacher at 224 px with bf16 + channels_last + torch.compile (2 epochs);
 #   3. a one-GPU `torchrun` MoMA run from that teacher (2 epochs, bf16, channels_last);
-#   4. the throughput benchmark (benchmarks/throughput.py) at 224 px, EfficientNet-B0, batch 64;
+#   4. the throughput benchmark (benchmarks/throughput.py) at 224 px, EfficientNet-B0, batch 64, and a KD
+#      step with a live ViT-L/16 teacher against the same teacher read from a cache (moma embed);
 #   5. loader tiles/s against student step tiles/s at 224 px (throughput.py --tile-store --store-step):
 #      the training loader reading tiles decoded from files, from the uint8 tile store and from
 #      memory, beside the EfficientNet-B0 step (batch 64) on this GPU; the goal is loader >= step;
@@ -66,7 +67,7 @@ step "one-GPU torchrun MoMA run" 180 \
 
 step "throughput benchmark, 224 px" 240 \
     "$PYTHON" benchmarks/throughput.py --arch efficientnet_b0 --image-size 224 --batch-size 64 --rounds 3 --steps 4 \
-    --skip wait,parts
+    --skip wait,parts --cache-teacher vit_large_patch16_224 --cache-image-size 224
 
 step "loader tiles/s (files, tile store, memory) against student step tiles/s, 224 px" 240 \
     "$PYTHON" benchmarks/throughput.py --tile-store --store-step --store-sizes 224 --arch efficientnet_b0 \

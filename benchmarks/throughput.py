@@ -371,7 +371,7 @@ def measure_cached_teacher(args, workdir: Path, classes: list[str]) -> dict:
 
     teacher = save_vit_teacher(workdir / "vit.safetensors", args.cache_teacher, classes, args.cache_image_size)
     start = time.perf_counter()
-    made = embed_sources(str(teacher), [args.data], out=str(workdir / "cache"), views="1", device="cpu",
+    made = embed_sources(str(teacher), [args.data], out=str(workdir / "cache"), views="1", device="auto",
                          batch_size=args.batch_size)
     cache_seconds = time.perf_counter() - start
     trainers = {v: cache_trainer(args, v, workdir, teacher, workdir / "cache") for v in CACHE_VARIANTS}
