@@ -1,55 +1,24 @@
-"""The ``moma`` command line.
+"""The ``moma`` command line: the argument parser of every sub-command, and the one place errors
+become a line and an exit status.
 
 Every sub-command reads a YAML config (``configs/``) with ``--set section.key=value`` overrides and
 a few shortcut flags. Errors a user can fix print one line and exit with status 2; ``--debug``
-shows the traceback instead.
+shows the traceback instead. The handlers live in :mod:`moma.commands`, one module per group.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
-import os
 import sys
-from pathlib import Path
-from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
 from moma import __version__
-from moma.errors import ConfigError, DataError, MomaError
-
-if TYPE_CHECKING:
-    from moma.engine.result import RunResult
-
-log = logging.getLogger("moma")
-
-# shortcut flag -> config key. One spelling per concept across sub-commands: --out is where a
-# command writes (here the folder that receives the run folder), --workers the reader processes.
-SHORTCUTS = {
-    "data": "data.source",
-    "arch": "model.arch",
-    "epochs": "optim.epochs",
-    "batch_size": "optim.batch_size",
-    "lr": "optim.lr",
-    "image_size": "data.image_size",
-    "seed": "run.seed",
-    "name": "run.name",
-    "out": "run.output_dir",
-    "workers": "data.num_workers",
-    "device": "run.device",
-}
-# Only `moma distill` (and `moma config`) take these: `moma train` trains without distillation.
-DISTILL_SHORTCUTS = {
-    "method": "distill.method",
-    "teacher": "distill.teacher",
-}
-ALL_SHORTCUTS = {**SHORTCUTS, **DISTILL_SHORTCUTS}
-# Shortcuts that may change when a run is resumed: how long it trains and where it runs. The others
-# change what the saved state was computed with (or name another run folder) and are refused.
-RESUME_SHORTCUTS = ("epochs", "device")
-
+from moma.commands.checkpoints import cmd_embed, cmd_evaluate, cmd_export, cmd_import_teacher, cmd_info, cmd_predict
+from moma.commands.slides import cmd_tile
+from moma.commands.training import ALL_SHORTCUTS, SHORTCUTS, cmd_compare, cmd_config, cmd_methods, cmd_train
+from moma.errors import MomaError
 
 class TqdmHandler(logging.Handler):
     """Log lines that do not break progress bars."""
@@ -79,185 +48,6 @@ def _add_config_args(parser: argparse.ArgumentParser, distill: bool = False) -> 
     group.add_argument("--skip-bad", action="store_true", help="skip unreadable tiles and report how many (= --set data.skip_bad=true)")
     group.add_argument("--profile", action="store_true",
                        help="log per epoch the share of step time spent waiting for data (= --set train.profile=true)")
-
-
-def _shortcut_overrides(args) -> list[str]:
-    """The ``key=value`` overrides the shortcut flags given stand for."""
-    overrides = [f"{key}={getattr(args, f'short_{flag}')}" for flag, key in ALL_SHORTCUTS.items()
-                 if getattr(args, f"short_{flag}", None) is not None]
-    if getattr(args, "skip_bad", False):
-        overrides.append("data.skip_bad=true")
-    if getattr(args, "profile", False):
-        overrides.append("train.profile=true")
-    if getattr(args, "unlabelled", None):
-        overrides.append("data.unlabelled=" + json.dumps(args.unlabelled))  # JSON is YAML: paths stay strings
-    if getattr(args, "allow_group_overlap", False):
-        overrides.append("data.allow_group_overlap=true")
-    return overrides
-
-
-def _config_from_args(args) -> "Config":  # noqa: F821
-    from moma.config import load_config
-
-    return load_config(args.config, _shortcut_overrides(args) + args.overrides)
-
-
-def _resume_config(args) -> "Config":  # noqa: F821
-    """The run folder's own config, with the shortcuts that make sense on resume applied."""
-    from moma.config import load_config
-    from moma.engine.layout import CONFIG_NAME
-
-    run_dir = Path(args.resume)
-    if not (run_dir / CONFIG_NAME).is_file():
-        raise ConfigError(f"--resume {run_dir}: not a run folder (no {CONFIG_NAME})")
-    refused = [f"--{flag.replace('_', '-')}" for flag in ALL_SHORTCUTS
-               if flag not in RESUME_SHORTCUTS and getattr(args, f"short_{flag}", None) is not None]
-    if args.config is not None:
-        refused.insert(0, f"config file {args.config}")
-    if refused:
-        allowed = ", ".join(f"--{flag.replace('_', '-')}" for flag in RESUME_SHORTCUTS)
-        raise ConfigError(f"--resume continues {run_dir} with its own {CONFIG_NAME}; {', '.join(refused)} cannot change "
-                          f"on resume (allowed: {allowed}, --profile, --skip-bad, --set KEY=VALUE)")
-    return load_config(run_dir / CONFIG_NAME, _shortcut_overrides(args) + args.overrides)
-
-
-def _print_results(result: RunResult) -> None:
-    from moma.engine.layout import CURVES_NAME, METRICS_NAME, TEST_BEST_TAG, report_file
-    from moma.metrics import metric_label, metric_names
-
-    run_dir = Path(result.run_dir)
-    lines = [f"run folder: {run_dir}", f"best epoch (by val {result.select_metric}): {result.best_epoch}"]
-    for tag in ("best", "last"):
-        scores = getattr(result, tag)
-        if scores and scores.test:
-            test = result.test_metrics(tag)
-            lines.append("test ({} model): {}".format(
-                tag, "  ".join(f"{metric_label(m)} {test[m]:.4f}" for m in metric_names())))
-    if result.skipped_tiles:
-        lines.append(f"skipped {result.skipped_tiles} unreadable tile(s) (see train.log)")
-    lines += [f"metrics: {run_dir / METRICS_NAME}", f"confusion matrix: {run_dir / report_file('confusion_png', TEST_BEST_TAG)}",
-              f"curves: {run_dir / CURVES_NAME}"]
-    print("\n".join(lines))
-
-
-def cmd_train(args, distill: bool = False) -> int:
-    from moma.engine.runs import run_training
-
-    if args.resume:
-        results = run_training(_resume_config(args), resume_dir=Path(args.resume))
-    else:
-        cfg = _config_from_args(args)
-        if not distill and cfg.distill.method != "none":
-            raise ConfigError(f"`moma train` trains without distillation; use `moma distill` for method '{cfg.distill.method}'")
-        results = run_training(cfg)
-    if os.environ.get("RANK", "0") == "0":  # under torchrun, rank 0 reports
-        _print_results(results)
-    return 0
-
-
-def cmd_evaluate(args) -> int:
-    from moma.engine.device import resolve_device
-    from moma.engine.inference import evaluate_checkpoint
-    from moma.metrics import summary
-
-    out = _evaluation_folder(args.checkpoint, args.out)
-    metrics = evaluate_checkpoint(args.checkpoint, args.data, out, resolve_device(args.device), split_file=args.split_file,
-                                  split=args.split, mpp=args.data_mpp, batch_size=args.batch_size, skip_bad=args.skip_bad)
-    print(json.dumps(summary(metrics), indent=2))
-    print(f"reports written to {out}")
-    return 0
-
-
-def _evaluation_folder(checkpoint: str, out: str | None) -> Path:
-    """A folder no earlier evaluation wrote: --out if new or empty, else ``evaluation`` (then
-    ``evaluation-2``, ...) in the run folder of the checkpoint."""
-    from moma.engine.runs import create_run_dir
-
-    if out:
-        folder = Path(out)
-        if folder.exists() and (not folder.is_dir() or any(folder.iterdir())):
-            raise ConfigError(f"--out {folder} exists and is not empty; choose a new folder (nothing is overwritten)")
-        return folder
-    source = Path(checkpoint).resolve()
-    return create_run_dir(source if source.is_dir() else source.parent, "evaluation")
-
-
-def cmd_predict(args) -> int:
-    from moma.engine.device import resolve_device
-    from moma.engine.inference import predict_folder
-
-    if args.slides or _is_slide_input(args.folder):
-        return cmd_predict_slides(args)
-    out = Path(args.out or "predictions.csv")
-    _refuse_existing_file(out)
-    frame = predict_folder(args.checkpoint, args.folder, out, resolve_device(args.device), batch_size=args.batch_size,
-                           skip_bad=args.skip_bad)
-    print(f"{len(frame)} tiles predicted -> {out}")
-    print(frame["prediction"].value_counts().to_string())
-    return 0
-
-
-def _refuse_existing_file(path: Path) -> None:
-    if path.exists():
-        raise ConfigError(f"--out {path} already exists; choose another --out (nothing is overwritten)")
-
-
-def _refuse_foreign_folder(folder: Path, marker: str, what: str) -> None:
-    """A re-run may continue its own earlier output (it holds ``marker``), never fill another folder."""
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(f"--out {folder} is a file; choose a folder for --out")
-    if folder.is_dir() and any(folder.iterdir()) and not (folder / marker).is_file():
-        raise ConfigError(f"--out {folder} is not empty and holds no earlier {what} ({marker}); choose another --out")
-
-
-def _is_slide_input(path: str) -> bool:
-    from moma.data.slides import folder_has_slides
-
-    item = Path(path)
-    return folder_has_slides(item) if item.is_dir() else item.is_file()  # a file is never a folder of tiles
-
-
-def cmd_predict_slides(args) -> int:
-    from moma.data.slides import collect_slides, slide_id
-    from moma.engine.device import resolve_device
-    from moma.engine.slide_cohort import PARAMS_NAME
-    from moma.engine.slide_predict import DONE, SLIDES_NAME, SlidePredictOptions, predict_slides
-
-    slides = collect_slides([args.folder, *args.slides])
-    out = Path(args.out or "slide_predictions")
-    _refuse_foreign_folder(out, PARAMS_NAME, "slide predictions")
-    options = SlidePredictOptions(batch_size=args.batch_size, workers=args.workers, slide_mpp=args.slide_mpp, mpp=args.model_mpp,
-                                  allow_upsampling=args.allow_upsampling, min_tissue=args.min_tissue,
-                                  heatmap_class=args.heatmap_class)
-    summary = predict_slides(args.checkpoint, slides, out, resolve_device(args.device), options)
-    print(summary.drop(columns=["path", "reason"]).to_string(index=False))
-    current = summary[summary["slide"].isin([slide_id(path) for path in slides])]
-    done = current[current["status"] == DONE]
-    if done.empty:
-        reason = current["reason"].iloc[-1] if len(current) else "no slides"
-        raise DataError(f"no slide could be predicted ({reason}); the reasons are in {out / SLIDES_NAME}")
-    skipped = len(current) - len(done)
-    print(f"{len(done)} slide(s) predicted -> {out} (per slide: CSV, heatmap PNG, GeoJSON for QuPath; {SLIDES_NAME})"
-          + (f"; {skipped} skipped, reasons in {SLIDES_NAME}" if skipped else ""))
-    return 0
-
-
-def cmd_tile(args) -> int:
-    from moma.data.slides import collect_slides
-    from moma.data.tiling import TILING_PARAMS, TilingOptions, tile_slides
-
-    _refuse_foreign_folder(Path(args.out), TILING_PARAMS, "`moma tile` output")
-    slides = collect_slides(args.inputs)
-    if args.annotations and not Path(args.annotations).is_dir():
-        raise ConfigError(f"--annotations {args.annotations}: not a folder (expected <slide id>.geojson files)")
-    options = TilingOptions(tile_size=args.tile_size, mpp=args.tile_mpp, min_tissue=args.min_tissue,
-                            annotations=Path(args.annotations) if args.annotations else None, label_by=args.label_by,
-                            min_overlap=args.min_overlap, unlabelled=args.unlabelled, label=args.label,
-                            slide_mpp=args.slide_mpp, allow_upsampling=args.allow_upsampling, workers=args.workers)
-    summary = tile_slides(slides, Path(args.out), options)
-    print(f"{summary.slides} slide(s): {summary.tiles} tiles ({summary.written} written, {summary.skipped_existing} "
-          f"already there) -> {summary.manifest}")
-    return 0
 
 
 def _positive(kind):
@@ -297,97 +87,6 @@ def _add_slide_args(parser: argparse.ArgumentParser, predicting: bool = False) -
                                  "at least 1; with a GPU the cores but one, at most 8; 0 reads in the main process)")
     else:
         parser.add_argument("--workers", type=_count, default=0, help="worker processes reading the slide (default 0: none)")
-
-
-def cmd_info(args) -> int:
-    from moma.engine.checkpoint import read_metadata
-
-    meta = read_metadata(args.checkpoint)
-    shown = {k: v for k, v in meta.__dict__.items() if k != "config"}
-    if args.config:
-        shown["config"] = meta.config
-    print(json.dumps(shown, indent=2, default=str))
-    return 0
-
-
-def cmd_methods(args) -> int:
-    from moma.distill import all_methods
-    from moma.distill.registry import method_defaults, methods_markdown
-
-    methods = all_methods()
-    if args.markdown:
-        print(methods_markdown(methods))
-        return 0
-    width = max(len(name) for name in methods)
-    for name, cls in methods.items():
-        print(f"{name:<{width}}  {cls.summary}")
-        print(f"{'':<{width}}  ref: {cls.reference}")
-        if args.defaults:
-            print(f"{'':<{width}}  defaults: {method_defaults(cls)}")
-    return 0
-
-
-def cmd_config(args) -> int:
-    from moma.engine.builder import resolve_method
-
-    cfg = _config_from_args(args)
-    resolve_method(cfg)  # distill.method and distill.params are checked as a run would
-    print(cfg.to_yaml(), end="")
-    return 0
-
-
-def cmd_compare(args) -> int:
-    from moma.compare import report_only, run_compare
-
-    if args.report_only:
-        if args.shard or args.fresh:
-            raise ConfigError("--report-only trains nothing: drop --shard/--fresh")
-        report_only(args.config, args.overrides, out_dir=args.out)
-    else:
-        run_compare(args.config, args.overrides, out_dir=args.out, resume=not args.fresh, shard=args.shard)
-    return 0
-
-
-def cmd_import_teacher(args) -> int:
-    from moma.engine.teacher_import import import_teacher, parse_floats
-
-    _refuse_existing_file(Path(args.out))
-    classes = [c.strip() for c in args.classes.split(",") if c.strip()] if args.classes else None
-    meta = import_teacher(args.source, args.out, arch=args.arch, class_names=classes, features_only=args.features_only,
-                          image_size=args.image_size, mpp=args.model_mpp, mean=parse_floats(args.mean, "--mean"),
-                          std=parse_floats(args.std, "--std"), embedding=args.embedding, layout=args.layout)
-    kind = f"{meta.num_classes} classes ({', '.join(meta.class_names)})" if meta.class_names else "features only"
-    known = f"{meta.config['foundation']} ({meta.config['source']}), " if "foundation" in meta.config else ""
-    recipe = meta.config.get("embedding")
-    embedding = f", embedding {recipe} ({meta.config.get('embedding_dim', '?')} wide)" if recipe else ""
-    print(f"teacher {known}{meta.arch}, {kind}{embedding}, {meta.image_size} px, mean {meta.mean}, std {meta.std} "
-          f"-> {args.out}")
-    return 0
-
-
-def cmd_embed(args) -> int:
-    from moma.engine.teacher_cache_write import embed_sources
-
-    done = embed_sources(args.teacher, args.data, out=args.out, image_size=args.image_size, views=args.views,
-                         view_seed=args.view_seed, stain_method=args.stain_method, stain_reference=args.stain_reference,
-                         device=args.device, batch_size=args.batch_size, workers=args.workers,
-                         shard_tiles=args.shard_tiles, progress=True)
-    kept = f", {done['shards_kept']} kept from an earlier run" if done["shards_kept"] else ""
-    logits = f"{done['logits_width']} logits + " if done["logits_width"] else ""
-    print(f"teacher cache {done['folder']}: {done['tiles']} tiles x {done['views_per_tile']} views, {logits}"
-          f"{done['embedding_width']}-wide embedding each; {done['shards_computed']} shard(s) computed in "
-          f"{done['seconds']:.0f} s{kept}. Use it with --set distill.teacher_cache={done['folder']}")
-    return 0
-
-
-def cmd_export(args) -> int:
-    from moma.engine.export import export_onnx
-
-    _refuse_existing_file(Path(args.out))
-    report = export_onnx(args.checkpoint, args.out, opset=args.opset, dynamic_batch=args.dynamic_batch)
-    print(f"{report['arch']} ({report['classes']} classes, input {report['input_shape']}) -> {args.out}; "
-          f"max |delta prob| vs PyTorch on a test batch: {report['max_prob_diff']:.2e}")
-    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:

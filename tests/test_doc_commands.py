@@ -387,7 +387,7 @@ def _split_placeholder_sets(overrides: list[str]) -> tuple[list[str], list[list[
 def check_moma(command: Command, argv: list[str], runs: dict[str, Any]) -> Checked:
     """Parse, build the config, check what can be checked without running; ``runs`` maps the run
     folders earlier commands of the document train to their config."""
-    from moma.cli import _shortcut_overrides
+    from moma.commands.training import shortcut_overrides
     from moma.compare.config import CompareConfig, load_compare_config
     from moma.config import Config, load_config
     from moma.engine.builder import resolve_method
@@ -403,7 +403,7 @@ def check_moma(command: Command, argv: list[str], runs: dict[str, Any]) -> Check
     item.args, sub = args, args.command
     try:
         if sub in ("train", "distill", "config"):
-            overrides, keys_only = _split_placeholder_sets(_shortcut_overrides(args) + args.overrides)
+            overrides, keys_only = _split_placeholder_sets(shortcut_overrides(args) + args.overrides)
             for path in keys_only:
                 if bad := unknown_key(Config, path):
                     item.problems.append(f"{command.where()}: unknown config key '{bad}'")

@@ -1,5 +1,7 @@
 """The package's layers, read from its source: the building blocks (data, models, distillation
-methods, low-level utilities) never import the engine, the comparison grid or the CLI above them."""
+methods, low-level utilities) never import the engine, the comparison grid or the CLI above them,
+and of those three each imports only the ones below it (engine < compare < the CLI: ``moma/cli.py``
+and its handlers in ``moma/commands/``)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,7 @@ from pathlib import Path
 import pytest
 
 PACKAGE = Path(__file__).resolve().parents[1] / "moma"
-UPPER = ("moma.engine", "moma.compare", "moma.cli")
+UPPER = ("moma.engine", "moma.compare", "moma.cli", "moma.commands")
 LOWER = ("data", "models", "distill", "utils")
 # Modules the lower layers import themselves: they must not reach upward either.
 SHARED = ("config.py", "metrics.py", "errors.py")
@@ -42,20 +44,26 @@ def imported_modules(path: Path, package: Path = PACKAGE) -> set[str]:
     return names
 
 
-def upward_imports(path: Path, package: Path = PACKAGE) -> list[str]:
-    return sorted(n for n in imported_modules(path, package) if n in UPPER or n.startswith(tuple(f"{u}." for u in UPPER)))
+def upward_imports(path: Path, package: Path = PACKAGE, above: tuple[str, ...] = UPPER) -> list[str]:
+    return sorted(n for n in imported_modules(path, package) if n in above or n.startswith(tuple(f"{u}." for u in above)))
 
 
-def layer_offenders(package: Path, layer: str) -> dict[str, list[str]]:
+def layer_offenders(package: Path, layer: str, above: tuple[str, ...] = UPPER) -> dict[str, list[str]]:
     files = sorted((package / layer).rglob("*.py")) if (package / layer).is_dir() else [package / layer]
     assert files, layer
-    offenders = {str(p.relative_to(package)): upward_imports(p, package) for p in files}
+    offenders = {str(p.relative_to(package)): upward_imports(p, package, above) for p in files}
     return {k: v for k, v in offenders.items() if v}
 
 
 @pytest.mark.parametrize("layer", LOWER + SHARED)
 def test_lower_layers_never_import_engine_compare_or_cli(layer):
     assert layer_offenders(PACKAGE, layer) == {}
+
+
+@pytest.mark.parametrize("layer", ["engine", "compare"])
+def test_engine_and_compare_never_import_the_layers_above_them(layer):
+    above = UPPER[UPPER.index(f"moma.{layer}") + 1:]
+    assert layer_offenders(PACKAGE, layer, above) == {}
 
 
 def test_utils_depend_on_nothing_but_errors():
