@@ -162,7 +162,7 @@ def make_trainer(args, variant: str, workdir: Path, teachers: dict[str, Path], w
 def fixed_batches(trainer, count: int):
     from moma.distill.base import Batch
 
-    loader = trainer.train_loader(0)
+    loader = trainer.loaders.train_loader(0)
     batches = []
     for images, targets, index, *_ in loader:  # a training sample also names its flip/rotation view
         batches.append(Batch(images.to(trainer.device), targets.to(trainer.device), index.to(trainer.device)))
@@ -227,7 +227,7 @@ def measure_loader(args, workdir: Path, teachers: dict[str, Path], settings: lis
     out = {}
     for workers in settings:
         trainer = make_trainer(args, "none", workdir, teachers, workers)
-        loader = trainer.train_loader(0)
+        loader = trainer.loaders.train_loader(0)
         iterator = iter(loader)
         next(iterator)  # workers started
         start, images = time.perf_counter(), 0
@@ -253,10 +253,10 @@ def measure_data_wait(args, workdir: Path, teachers: dict[str, Path], settings: 
         for workers in settings:
             trainer = make_trainer(args, "kd", workdir, teachers, workers)
             trainer.cfg.train.max_steps_per_epoch = args.wait_steps
-            trainer.steps_per_epoch = min(trainer.steps_per_epoch, args.wait_steps)
+            trainer.loaders.steps_per_epoch = min(trainer.loaders.steps_per_epoch, args.wait_steps)
             trainer.train_epoch(0)
             second = trainer.train_epoch(1)
-            rows.setdefault(f"{workers} ({trainer._loader.num_workers})", []).append(second)
+            rows.setdefault(f"{workers} ({trainer.loaders.num_workers()})", []).append(second)
             trainer.close()
     torch.set_num_threads(threads)
     out = {}
@@ -360,8 +360,8 @@ def cache_trainer(args, variant: str, workdir: Path, teacher: Path, cache: Path)
 
 def step_with_cache_read(trainer, batch, step: int) -> None:
     """One training step, the batch's teacher outputs read from the cache first (as the loop does)."""
-    if trainer.teacher_cache is not None:
-        batch.teacher_outputs = trainer.teacher_cache.outputs(batch.index.cpu(), batch.view.cpu(), trainer.device)
+    if trainer.loaders.teacher_cache is not None:
+        batch.teacher_outputs = trainer.loaders.teacher_cache.outputs(batch.index.cpu(), batch.view.cpu(), trainer.device)
     trainer._step(batch, 0, step)
 
 
@@ -377,8 +377,8 @@ def measure_cached_teacher(args, workdir: Path, classes: list[str]) -> dict:
     trainers = {v: cache_trainer(args, v, workdir, teacher, workdir / "cache") for v in CACHE_VARIANTS}
     batches = {}
     for variant, trainer in trainers.items():
-        loader = iter(trainer.train_loader(0))
-        batches[variant] = [trainer._make_batch(next(loader), None) for _ in range(2)]
+        loader = iter(trainer.loaders.train_loader(0))
+        batches[variant] = [trainer.loaders.make_batch(next(loader), None) for _ in range(2)]
         trainer.close()
         trainer.train_model.train()
         for i in range(args.warmup):
@@ -528,7 +528,7 @@ def store_workers(args, workdir: Path, teachers: dict[str, Path], size: int) -> 
     if args.store_workers != "auto":
         return int(args.store_workers)
     trainer = storage_trainer(args, workdir, teachers, size, "off", LOADER_WORK[0], "auto")
-    workers = trainer._num_workers()
+    workers = trainer.loaders.num_workers()
     trainer.close()
     return workers
 
@@ -538,7 +538,7 @@ def student_step_rate(args, workdir: Path, teachers: dict[str, Path], size: int)
 
     trainer = storage_trainer(args, workdir, teachers, size, "memory", LOADER_WORK[0], 0)
     batches = []
-    for images, targets, index, *_ in trainer.train_loader(0):  # (a training sample may add its view)
+    for images, targets, index, *_ in trainer.loaders.train_loader(0):  # (a training sample may add its view)
         batches.append(Batch(images.to(trainer.device), targets.to(trainer.device), index.to(trainer.device)))
         if len(batches) == 2:
             break
@@ -557,7 +557,7 @@ def measure_tile_store(args, workdir: Path, teachers: dict[str, Path]) -> list[d
         for work in LOADER_WORK:
             trainers = {cache: storage_trainer(args, workdir, teachers, size, cache, work, workers)
                         for cache in STORAGES}
-            loaders = {cache: trainer.train_loader(0) for cache, trainer in trainers.items()}
+            loaders = {cache: trainer.loaders.train_loader(0) for cache, trainer in trainers.items()}
             rates: dict[str, list[float]] = {cache: [] for cache in STORAGES}
             for round_index in range(args.store_rounds):
                 order = STORAGES[round_index % 3:] + STORAGES[:round_index % 3]

@@ -108,9 +108,9 @@ def _trainer(tmp_path, tiles, teacher, name, method="kd", cache="off", **section
 
 
 def _first_step_terms(trainer) -> dict[str, float]:
-    loader = trainer.train_loader(0)
-    pool = iter(trainer.pool_loader(0, 1)) if trainer.data.unlabelled is not None else None
-    batch = trainer._make_batch(next(iter(loader)), next(pool) if pool is not None else None)
+    loader = trainer.loaders.train_loader(0)
+    pool = iter(trainer.loaders.pool_loader(0, 1)) if trainer.data.unlabelled is not None else None
+    batch = trainer.loaders.make_batch(next(iter(loader)), next(pool) if pool is not None else None)
     trainer.train_model.train()
     out = trainer.task(batch)
     trainer.close()
@@ -125,7 +125,7 @@ def test_a_run_reading_the_cache_has_the_live_teacher_s_first_step_loss(tmp_path
     assert no_live_teacher
     no_live_teacher.clear()
     cached_trainer = _trainer(tmp_path, tiles, teacher, "cached", method, cache="auto", **sections)
-    assert cached_trainer.teacher_cache is not None
+    assert cached_trainer.loaders.teacher_cache is not None
     cached = _first_step_terms(cached_trainer)
     assert no_live_teacher == []
     assert cached.keys() == live.keys()
@@ -230,10 +230,10 @@ def test_a_tile_changed_since_the_cache_was_made_is_refused(tmp_path, tiles, tea
 def test_methods_that_read_feature_maps_or_update_their_teacher_run_it_live(tmp_path, tiles, teacher, caplog):
     caplog.set_level("INFO")
     fitnet = _trainer(tmp_path, tiles, teacher, "fitnet", "fitnet", cache="auto")
-    assert fitnet.teacher_cache is None and "intermediate feature maps" in caplog.text
+    assert fitnet.loaders.teacher_cache is None and "intermediate feature maps" in caplog.text
     single_view = _trainer(tmp_path, tiles, teacher, "single", cache="auto", data={"strong_augment": False},
                            augment={"randaugment": True})
-    assert single_view.teacher_cache is None and "augmented view" in caplog.text
+    assert single_view.loaders.teacher_cache is None and "augmented view" in caplog.text
 
 
 def test_which_methods_can_read_the_cache(tmp_path, tiles, teacher):

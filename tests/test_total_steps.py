@@ -24,7 +24,7 @@ def test_same_steps_and_schedule_for_any_subset_size(tmp_path, per_class):
     assert len(json.loads((tmp_path / "run" / "metrics.json").read_text())["classes"]) == 3
     # 6 tiles (2 batches of 4) need 2 passes per epoch; 18 tiles (5 batches) one
     trainer = Trainer(cfg, tmp_path / "probe")
-    assert [trainer._round_steps(e) for e in range(2)] == [3, 4]
+    assert [trainer.loaders.round_steps(e) for e in range(2)] == [3, 4]
     assert trainer.total_steps == 7
 
 

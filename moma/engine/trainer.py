@@ -1,8 +1,8 @@
 """The one training loop, for supervised training and every distillation method.
 
-The optimiser and learning-rate schedule are :mod:`moma.engine.schedule`, the resumable state
-:mod:`moma.engine.state`, and creating or reopening the run folder around a run
-:mod:`moma.engine.runs`.
+The loaders and each step's batch are :mod:`moma.engine.loaders`, the optimiser and learning-rate
+schedule :mod:`moma.engine.schedule`, the resumable state :mod:`moma.engine.state`, and creating or
+reopening the run folder around a run :mod:`moma.engine.runs`.
 
 Per epoch: train (seeded per epoch, so a resumed run replays the same epoch exactly), validate,
 write one row of ``history.csv``, keep the best-by-validation deployable checkpoint, and save the
@@ -20,25 +20,23 @@ from __future__ import annotations
 import copy
 import logging
 import math
-import os
 import time
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 import pandas as pd
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import Subset
 from tqdm import tqdm
 
 from moma.config import Config
-from moma.distill.base import UNLABELLED, Batch
+from moma.distill.base import Batch
 from moma.engine import distributed
 from moma.engine.builder import DataBundle, build_data, build_task, prepare_distillation
 from moma.engine.checkpoint import ModelMetadata, save_model_checkpoint
 from moma.engine.device import autocast, autocast_dtype, configure_determinism, epoch_seed, resolve_device, seed_everything
-from moma.engine.evaluate import (PREFETCH_BATCHES, eval_loader, evaluate, metrics_from_probs, predict_probs,
-                                  write_split_report)
+from moma.engine.evaluate import eval_loader, evaluate, metrics_from_probs, predict_probs, write_split_report
+from moma.engine.loaders import RunLoaders
 from moma.engine.layout import (
     BEST_NAME,
     CURVES_NAME,
@@ -61,7 +59,7 @@ from moma.engine.state import (
     set_rng_state,
 )
 from moma.engine.teacher_cache_run import open_for_run
-from moma.errors import DataError, MomaError
+from moma.errors import MomaError
 from moma.metrics import summary
 from moma.utils.collectives import all_gather_rows, unshuffle
 from moma.utils.io import atomic_write_text
@@ -86,14 +84,13 @@ class Trainer:
 
         setup = prepare_distillation(cfg)  # a bad teacher or method fails before the data scan
         self.data: DataBundle = build_data(cfg, run_dir / SPLIT_NAME, progress=self.progress)
-        self.steps_per_epoch = self._steps_per_epoch()
-        self.total_steps = sum(self._round_steps(epoch) for epoch in range(cfg.optim.epochs))
+        self.loaders = RunLoaders(cfg, self.data, self.dist, self.device, self.channels_last)
+        self.total_steps = sum(self.loaders.round_steps(epoch) for epoch in range(cfg.optim.epochs))
         self.task, self.setup_info = build_task(cfg, self.data.classes, len(self.data.train), self.device,
                                                 train_targets=self.data.train.targets, setup=setup,
                                                 total_steps=self.total_steps, num_unlabelled=self.data.num_unlabelled)
-        # The frozen teacher's outputs read from a cache instead of computed every step (distill.teacher_cache).
-        self.teacher_cache = None if setup.teacher is None else open_for_run(cfg, self.data, setup.teacher,
-                                                                             self.task.method, self.device)
+        if setup.teacher is not None:  # the frozen teacher's outputs read from a cache (distill.teacher_cache)
+            self.loaders.teacher_cache = open_for_run(cfg, self.data, setup.teacher, self.task.method, self.device)
         if self.channels_last:
             self.task.to(memory_format=torch.channels_last)
         if cfg.train.compile:
@@ -103,228 +100,16 @@ class Trainer:
         self.global_batch = cfg.optim.batch_size * self.dist.world_size
         self.optimizer = build_optimizer(cfg, self.task.parameter_groups(), self.global_batch)
         self.base_lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.steps_per_epoch, self.total_steps)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, self.loaders.steps_per_epoch, self.total_steps)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.amp_dtype == torch.float16)
         self.state = TrainState()
         self.best_weights: dict[str, torch.Tensor] | None = None
         self.train_model = distributed.wrap_task(self.task, self.dist, self.device)
         self.writer = None
-        self._sampler: distributed.EpochSampler | None = None
-        self._loader: DataLoader | None = None
-        self._pool_sampler: distributed.PoolSampler | None = None
-        self._pool_loader: DataLoader | None = None
-        self.pool_skipped: list[str] = []  # unreadable pool tiles met (data.skip_bad)
-
-    # ----------------------------------------------------------------- setup helpers
-    def _num_workers(self) -> int:
-        workers = self.cfg.data.num_workers
-        if workers == "auto":
-            cores = (os.cpu_count() or 2) // max(1, self.dist.local_world_size)
-            if self.device.type == "cpu" and self.data.train.cached:
-                # Augmenting cached tiles is about a tenth of a CPU step's work (BENCHMARKS.md): one
-                # worker overlaps it with the step and leaves the other cores to the model.
-                return 1 if cores >= 2 else 0
-            return min(8, max(1, cores - 1))
-        return int(workers)
-
-    def _eval_workers(self) -> int:
-        return 0 if self.device.type == "cpu" and self.data.train.cached else self._num_workers()
-
-    def _drop_last(self) -> bool:
-        # A final batch of one sample breaks BatchNorm in train mode; drop only that case.
-        per_rank = math.ceil(len(self.data.train) / self.dist.world_size)
-        return per_rank % self.cfg.optim.batch_size == 1
-
-    def _batches_per_pass(self) -> int:
-        per_rank = math.ceil(len(self.data.train) / self.dist.world_size)
-        batch = self.cfg.optim.batch_size
-        return max(1, per_rank // batch if self._drop_last() else math.ceil(per_rank / batch))
-
-    def _steps_per_epoch(self) -> int:
-        total = self.cfg.optim.total_steps
-        steps = self._batches_per_pass() if total is None else math.ceil(total / self.cfg.optim.epochs)
-        if self.cfg.train.max_steps_per_epoch:
-            steps = min(steps, self.cfg.train.max_steps_per_epoch)
-        return max(1, steps)
-
-    def _round_steps(self, epoch: int) -> int:
-        """Steps of epoch ``epoch``: optim.total_steps spread evenly over the epochs when set."""
-        total, epochs = self.cfg.optim.total_steps, self.cfg.optim.epochs
-        if total is None:
-            return self.steps_per_epoch
-        return min(self.steps_per_epoch, (epoch + 1) * total // epochs - epoch * total // epochs)
-
-    def _epoch_batches(self, epoch: int, limit: int) -> Iterator[tuple]:
-        """``limit`` batches of epoch ``epoch``. Without optim.total_steps that is (at most) one pass
-        over the training tiles, in the sampler's order for ``epoch``; with it, as many passes as the
-        epoch's steps need, each with its own seeded order and augmentation (pass ids are unique per
-        run and fixed per epoch, so a resume repeats them)."""
-        if self.cfg.optim.total_steps is None:
-            passes = [epoch]
-        else:
-            per_epoch = math.ceil(self.steps_per_epoch / self._batches_per_pass())
-            passes = [epoch * per_epoch + j for j in range(per_epoch)]
-        given = 0
-        for pass_id in passes:
-            for batch in self.train_loader(pass_id):
-                if given >= limit:
-                    return
-                given += 1
-                yield batch
-
-    def train_loader(self, epoch: int) -> DataLoader:
-        """The training loader, set to ``epoch``. One loader for the whole run, so its workers start
-        once (``persistent_workers``); the order and every sample's augmentation are seeded from
-        (run.seed, epoch, sample), so an epoch is the same with any number of workers and after a
-        resume."""
-        if self._loader is None:
-            workers = self._num_workers()
-            self._sampler = distributed.EpochSampler(len(self.data.train), self.cfg.run.seed, self.dist)
-            self._loader = DataLoader(
-                self.data.train, batch_size=self.cfg.optim.batch_size, sampler=self._sampler, num_workers=workers,
-                pin_memory=self.device.type == "cuda", drop_last=self._drop_last(), persistent_workers=workers > 0,
-                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-                # Its own generator: starting the workers must not draw from the global one, which the
-                # step's own randomness (dropout, shuffles) uses and a resume restores per epoch.
-                generator=torch.Generator().manual_seed(self.cfg.run.seed),
-            )
-        self._sampler.set_epoch(epoch)
-        return self._loader
-
-    def pool_loader(self, epoch: int, steps: int) -> DataLoader:
-        """Batches of ``distill.unlabelled_ratio`` x batch size pool tiles for the ``steps`` steps of
-        round ``epoch`` (see :class:`~moma.engine.distributed.PoolSampler`)."""
-        per_step = self.cfg.distill.unlabelled_ratio * self.cfg.optim.batch_size
-        if self._pool_loader is None:
-            workers = self._num_workers()
-            self._pool_sampler = distributed.PoolSampler(len(self.data.unlabelled), self.cfg.run.seed, self.dist)
-            self._pool_loader = DataLoader(
-                self.data.unlabelled, batch_size=per_step, sampler=self._pool_sampler, num_workers=workers,
-                pin_memory=self.device.type == "cuda", persistent_workers=workers > 0,
-                prefetch_factor=PREFETCH_BATCHES if workers > 0 else None,
-                generator=torch.Generator().manual_seed(self.cfg.run.seed),
-            )
-        self._pool_sampler.set_round(epoch, steps * per_step)
-        return self._pool_loader
 
     def close(self) -> None:
         """Stop the loaders' workers (a comparison grid trains many models in one process)."""
-        self._loader = None
-        self._pool_loader = None
-
-    def _to_device(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """(student view, teacher's weak view or None) on the device; the loader gives one tensor,
-        or a (strong, weak) pair with data.strong_augment."""
-        views = list(images) if isinstance(images, (list, tuple)) else [images]
-        views = [v.to(self.device, non_blocking=True) for v in views]
-        if self.channels_last:
-            views = [v.contiguous(memory_format=torch.channels_last) for v in views]
-        return views[0], (views[1] if len(views) > 1 else None)
-
-    def _make_batch(self, labelled: tuple, pool: tuple | None) -> Batch:
-        """The step's batch: the labelled tiles, then the pool's (target UNLABELLED, index after the
-        labelled rows) when there is a pool; with a teacher cache, the teacher's outputs for their views."""
-        images, targets, index, *view = labelled
-        student, weak = self._to_device(images)
-        view = view[0] if view else None
-        if pool is None:
-            batch = Batch(student, targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True),
-                          teacher_input=weak)
-            return self._with_views(batch, index, view)
-        pool_images, pool_rows, skipped, *pool_view = pool
-        self._note_skipped(skipped)
-        pool_student, pool_weak = self._to_device(pool_images)
-        n = len(targets)
-        rows = torch.cat([index, pool_rows + len(self.data.train)])
-        batch = Batch(
-            torch.cat([student, pool_student]),
-            torch.cat([targets, torch.full_like(pool_rows, UNLABELLED)]).to(self.device, non_blocking=True),
-            rows.to(self.device, non_blocking=True),
-            teacher_input=None if weak is None else torch.cat([weak, pool_weak]),
-            num_labelled=n,
-        )
-        return self._with_views(batch, rows, None if view is None else torch.cat([view, pool_view[0]]))
-
-    def _with_views(self, batch: Batch, rows: torch.Tensor, view: torch.Tensor | None) -> Batch:
-        """``batch`` with each row's view and, with a teacher cache, the teacher's outputs read from it
-        (looked up on the host, from the loader's tensors, before anything waits for the device)."""
-        if view is not None:
-            batch.view = view.to(self.device, non_blocking=True)
-        if self.teacher_cache is not None:
-            batch.teacher_outputs = self.teacher_cache.outputs(rows, view, self.device)
-        return batch
-
-    def _note_skipped(self, skipped: list[str]) -> None:
-        bad = [path for path in skipped if path]
-        if not bad:
-            return
-        if not self.cfg.data.skip_bad:
-            raise DataError(f"unlabelled tile {bad[0]}: cannot read image; fix or remove it, or pass --skip-bad")
-        for path in bad:
-            log.warning("skipped unreadable unlabelled tile %s", path)
-        self.pool_skipped += bad
-
-    # ----------------------------------------------------------------- checkpoints
-    def metadata(self, epoch: int, val_metrics: dict) -> ModelMetadata:
-        cfg = self.cfg
-        head = self.task.method.deploy_head_spec()
-        return ModelMetadata(
-            arch=cfg.model.arch, class_names=self.data.classes, image_size=cfg.data.image_size,
-            mean=list(cfg.augment.mean), std=list(cfg.augment.std), mpp=cfg.data.mpp, method=self.task.method.name,
-            head=None if head is None else {"method": self.task.method.name, "spec": head},
-            stain_norm=None if self.data.stain is None else self.data.stain.to_dict(),
-            epoch=epoch, val_metrics=summary(val_metrics) if val_metrics else {}, config=cfg.to_dict(),
-        )
-
-    def deploy_state(self) -> dict[str, torch.Tensor]:
-        return self.task.inference_model().deploy_state_dict()
-
-    def save_state(self) -> None:
-        with distributed.unwrapped_student(self.task) as task:
-            task_state = task.state_dict()
-        state = {
-            "epoch": self.state.epoch,
-            "world_size": self.dist.world_size,
-            "task": task_state,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "scaler": self.scaler.state_dict(),
-            "rng": rng_state(),
-            "best_score": self.state.best_score,
-            "best_epoch": self.state.best_epoch,
-            "history": self.state.history,
-            "times": self.state.times.__dict__,
-            "best_weights": self.best_weights,
-        }
-        save_training_state(self.run_dir / STATE_NAME, state)
-
-    def load_state(self) -> None:
-        state, self._saved_state = self._saved_state, None
-        with distributed.unwrapped_student(self.task) as task:
-            load_matching(task, state["task"], self.run_dir / STATE_NAME)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.scaler.load_state_dict(state["scaler"])
-        saved_world = state.get("world_size", 1)
-        if saved_world != self.dist.world_size:
-            self._restart_schedule(state["epoch"], saved_world)
-        set_rng_state(state["rng"])
-        self.state = TrainState(
-            epoch=state["epoch"], best_score=state["best_score"], best_epoch=state["best_epoch"],
-            history=state["history"], times=StepTimes(**state["times"]),
-        )
-        self.best_weights = state["best_weights"]
-        log.info("resumed %s after epoch %d", self.run_dir, self.state.epoch)
-
-    def _restart_schedule(self, epochs_done: int, saved_world: int) -> None:
-        """Another number of processes than the saved run: another global batch and number of steps
-        per epoch. The learning rate follows this run's global batch (linear scaling rule) and the
-        schedule continues at the start of the next epoch."""
-        log.warning("resuming a run of %d process(es) with %d: global batch %d -> %d; the learning-rate schedule "
-                    "continues at epoch %d with this run's steps per epoch", saved_world, self.dist.world_size,
-                    self.cfg.optim.batch_size * saved_world, self.global_batch, epochs_done + 1)
-        restart_schedule(self.scheduler, self.optimizer, self.base_lr, epochs_done * self.steps_per_epoch,
-                         self.scheduler.lr_lambdas[0])
+        self.loaders.close()
 
     # ----------------------------------------------------------------- the loop
     def train_epoch(self, epoch: int) -> dict[str, float]:
@@ -334,12 +119,10 @@ class Trainer:
         sums: dict[str, float] = {}
         seen = 0
         times = StepTimes()
-        limit = self._round_steps(epoch)
+        limit = self.loaders.round_steps(epoch)
         bar = tqdm(total=limit, desc=f"epoch {epoch + 1}/{self.cfg.optim.epochs}", disable=not self.progress, leave=False)
         tick = time.perf_counter()
-        pool = iter(self.pool_loader(epoch, limit)) if self.data.unlabelled is not None else None
-        for step, labelled in enumerate(self._epoch_batches(epoch, limit)):
-            batch = self._make_batch(labelled, next(pool) if pool is not None else None)
+        for step, batch in enumerate(self.loaders.epoch(epoch, limit)):
             loaded = self._clock()
             out = self._step(batch, epoch, step)
             done = self._clock()
@@ -360,7 +143,7 @@ class Trainer:
         means = distributed.mean_across_ranks({k: v / max(seen, 1) for k, v in sums.items()}, self.device, self.dist)
         means.update({f"time_{k}": v for k, v in times.as_dict().items()})
         if self.cfg.train.profile:
-            log.info("profile, epoch %d: %s", epoch + 1, describe_times(times, self._loader.num_workers))
+            log.info("profile, epoch %d: %s", epoch + 1, describe_times(times, self.loaders.num_workers()))
         return means
 
     def _clock(self) -> float:
@@ -413,7 +196,7 @@ class Trainer:
             return metrics
         val, rank, world = self.data.val, self.dist.rank, self.dist.world_size
         shard = Subset(val, range(rank, len(val), world))
-        loader = eval_loader(shard, batch_size, num_workers=self._eval_workers(), pin_memory=self.device.type == "cuda")
+        loader = eval_loader(shard, batch_size, num_workers=self.loaders.eval_workers(), pin_memory=self.device.type == "cuda")
         probs, _ = predict_probs(model, loader, self.device, amp_dtype=self.amp_dtype, channels_last=self.channels_last)
         gathered = all_gather_rows(torch.from_numpy(probs).to(self.device)).cpu()
         order = torch.cat([torch.arange(r, len(val), world) for r in range(world)])
@@ -474,7 +257,7 @@ class Trainer:
         if self.writer is not None:
             self.writer.close()
         if self.cfg.train.profile:
-            log.info("profile, all epochs: %s", describe_times(self.state.times, self._num_workers()))
+            log.info("profile, all epochs: %s", describe_times(self.state.times, self.loaders.num_workers()))
         return self.finish()
 
     def finish(self) -> RunResult:
@@ -503,7 +286,7 @@ class Trainer:
         result.data = {name: len(ds) if ds is not None else 0 for name, ds in
                        (("train", self.data.train), ("val", self.data.val), ("test", self.data.test),
                         ("unlabelled", self.data.unlabelled))}
-        result.skipped_unlabelled_tiles = len(self.pool_skipped)
+        result.skipped_unlabelled_tiles = len(self.loaders.pool_skipped)
         result.history = self.state.history
         result.skipped_tiles = sum(len(ds.skipped) for ds in (self.data.train, self.data.val, self.data.test) if ds is not None)
         result.write(self.run_dir)
@@ -514,6 +297,68 @@ class Trainer:
         dataset = self.data.val if split == "val" else self.data.test
         return evaluate(model, dataset, self.device, batch_size=max(64, self.cfg.optim.batch_size),
                         amp_dtype=self.amp_dtype, channels_last=self.channels_last)
+
+    # ----------------------------------------------------------------- checkpoints
+    def metadata(self, epoch: int, val_metrics: dict) -> ModelMetadata:
+        cfg = self.cfg
+        head = self.task.method.deploy_head_spec()
+        return ModelMetadata(
+            arch=cfg.model.arch, class_names=self.data.classes, image_size=cfg.data.image_size,
+            mean=list(cfg.augment.mean), std=list(cfg.augment.std), mpp=cfg.data.mpp, method=self.task.method.name,
+            head=None if head is None else {"method": self.task.method.name, "spec": head},
+            stain_norm=None if self.data.stain is None else self.data.stain.to_dict(),
+            epoch=epoch, val_metrics=summary(val_metrics) if val_metrics else {}, config=cfg.to_dict(),
+        )
+
+    def deploy_state(self) -> dict[str, torch.Tensor]:
+        return self.task.inference_model().deploy_state_dict()
+
+    def save_state(self) -> None:
+        with distributed.unwrapped_student(self.task) as task:
+            task_state = task.state_dict()
+        state = {
+            "epoch": self.state.epoch,
+            "world_size": self.dist.world_size,
+            "task": task_state,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "rng": rng_state(),
+            "best_score": self.state.best_score,
+            "best_epoch": self.state.best_epoch,
+            "history": self.state.history,
+            "times": self.state.times.__dict__,
+            "best_weights": self.best_weights,
+        }
+        save_training_state(self.run_dir / STATE_NAME, state)
+
+    def load_state(self) -> None:
+        state, self._saved_state = self._saved_state, None
+        with distributed.unwrapped_student(self.task) as task:
+            load_matching(task, state["task"], self.run_dir / STATE_NAME)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        saved_world = state.get("world_size", 1)
+        if saved_world != self.dist.world_size:
+            self._restart_schedule(state["epoch"], saved_world)
+        set_rng_state(state["rng"])
+        self.state = TrainState(
+            epoch=state["epoch"], best_score=state["best_score"], best_epoch=state["best_epoch"],
+            history=state["history"], times=StepTimes(**state["times"]),
+        )
+        self.best_weights = state["best_weights"]
+        log.info("resumed %s after epoch %d", self.run_dir, self.state.epoch)
+
+    def _restart_schedule(self, epochs_done: int, saved_world: int) -> None:
+        """Another number of processes than the saved run: another global batch and number of steps
+        per epoch. The learning rate follows this run's global batch (linear scaling rule) and the
+        schedule continues at the start of the next epoch."""
+        log.warning("resuming a run of %d process(es) with %d: global batch %d -> %d; the learning-rate schedule "
+                    "continues at epoch %d with this run's steps per epoch", saved_world, self.dist.world_size,
+                    self.cfg.optim.batch_size * saved_world, self.global_batch, epochs_done + 1)
+        restart_schedule(self.scheduler, self.optimizer, self.base_lr, epochs_done * self.loaders.steps_per_epoch,
+                         self.scheduler.lr_lambdas[0])
 
 
 def describe_times(times: StepTimes, workers: int) -> str:
