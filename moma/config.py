@@ -95,6 +95,10 @@ class DataConfig(Section):
         None, description="where data.cache=disk keeps its tile stores (one per data source and image size); "
         "default: $XDG_CACHE_HOME/moma/tile_store, else ~/.cache/moma/tile_store")
     num_workers: int | Literal["auto"] = "auto"
+    augment_on: Literal["loader", "device"] = Field(
+        "loader", description="where training tiles are augmented. loader: per tile in the loader's workers (CPU); "
+        "device: the loader only stain-normalises and flips/rotates the uint8 tile, and the stain jitter and "
+        "normalisation run per batch on the training device (GPU runs; no RandAugment, strong colour jitter or blur)")
 
     @field_validator("cache", mode="before")
     @classmethod
@@ -249,6 +253,18 @@ class Config(Section):
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)
+
+    @model_validator(mode="after")
+    def _device_augmentation_can_do_it(self) -> "Config":
+        if self.data.augment_on != "device":
+            return self
+        if self.augment.randaugment and self.augment.ra_num_ops > 0:
+            raise ValueError("data.augment_on=device does not run RandAugment: set augment.randaugment=false "
+                             "or data.augment_on=loader")
+        if self.data.strong_augment and (self.augment.strong_color_jitter > 0 or self.augment.strong_blur > 0):
+            raise ValueError("data.augment_on=device does not run augment.strong_color_jitter or strong_blur: set "
+                             "them to 0 or data.augment_on=loader")
+        return self
 
     @field_validator("distill")
     @classmethod

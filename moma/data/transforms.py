@@ -21,6 +21,10 @@ the training transform's RandAugment and stain jitter to the same geometric view
 sees what it sees without a teacher), and optionally more H&E stain jitter (Tellez et al. 2018),
 colour jitter and blur (``augment.strong_*``, off by default).
 
+With ``data.augment_on: device`` the training transform is
+:class:`moma.data.device_augment.DeviceViews` (stain normalisation and the view, uint8) and the
+photometric part runs per batch on the device (:class:`moma.data.device_augment.DeviceAugment`).
+
 Stain normalisation (``data.stain_normalize``, :mod:`moma.data.stain_norm`) is the first step of
 every transform, before any augmentation: training, evaluation, the unlabelled pool, and both views
 (the teacher's weak view included), so every model sees the reference's colours.
@@ -178,7 +182,13 @@ def transform_with_view(transform, image: torch.Tensor, choices=None):
     return transform(image), NO_VIEW
 
 
-def build_student_transform(aug: AugmentConfig, strong_augment: bool,
-                            stain: torch.nn.Module | None = None) -> ViewedTransform:
-    """The training transform: one view for student and teacher, or two views with ``strong_augment``."""
+def build_student_transform(aug: AugmentConfig, strong_augment: bool, stain: torch.nn.Module | None = None,
+                            augment_on: str = "loader") -> ViewedTransform:
+    """The training transform: one view for student and teacher, or two views with ``strong_augment``.
+    With ``augment_on="device"`` only the stain normalisation and the view, as uint8; the rest runs per
+    batch on the device (:mod:`moma.data.device_augment`)."""
+    if augment_on == "device":
+        from moma.data.device_augment import DeviceViews
+
+        return DeviceViews(aug, strong_augment, stain)
     return TwoViews(aug, stain) if strong_augment else TrainTransform(aug, stain)

@@ -86,7 +86,7 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
                   progress=progress)
     stain = fit_stain(cfg)
     normalizer = None if stain is None else StainNormalizer(stain)
-    train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment, normalizer)
+    train_transform = build_student_transform(cfg.augment, cfg.data.strong_augment, normalizer, cfg.data.augment_on)
     train = TileDataset(parts["train"], transform=train_transform, description="train tiles", **common)
     evaluation = build_eval_transform(cfg.augment, normalizer)
     val = TileDataset(parts["val"], transform=evaluation, description="val tiles", **common)

@@ -5,6 +5,10 @@ Both loaders live for the whole run, so their workers start once; their order an
 augmentation are seeded from (run.seed, epoch, sample), so an epoch is the same with any number of
 workers and after a resume. Under ``torchrun`` each rank reads its share (``EpochSampler``,
 ``PoolSampler``).
+
+With ``data.augment_on: device`` the loaders hand out uint8 tiles in their views, and each batch is
+augmented and normalised on the device (:class:`~moma.data.device_augment.DeviceAugment`) with a
+generator seeded from (run.seed, epoch, step, rank), so that too is the same after a resume.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from moma.config import Config
+from moma.data.device_augment import DeviceAugment, step_seed
 from moma.distill.base import UNLABELLED, Batch
 from moma.engine import distributed
 from moma.engine.builder import DataBundle
@@ -47,6 +52,8 @@ class RunLoaders:
         self._pool_sampler: distributed.PoolSampler | None = None
         self._pool_loader: DataLoader | None = None
         self.pool_skipped: list[str] = []  # unreadable pool tiles met (data.skip_bad)
+        # data.augment_on=device: the photometric augmentation and normalisation of each batch
+        self.augment = DeviceAugment(cfg.augment, cfg.data.strong_augment) if cfg.data.augment_on == "device" else None
 
     def num_workers(self) -> int:
         workers = self.cfg.data.num_workers
@@ -90,8 +97,8 @@ class RunLoaders:
         """The ``limit`` batches of epoch ``epoch`` on the device, each with its share of the pool's
         tiles when there is a pool."""
         pool = iter(self.pool_loader(epoch, limit)) if self.data.unlabelled is not None else None
-        for labelled in self._labelled_batches(epoch, limit):
-            yield self.make_batch(labelled, next(pool) if pool is not None else None)
+        for step, labelled in enumerate(self._labelled_batches(epoch, limit)):
+            yield self.make_batch(labelled, next(pool) if pool is not None else None, epoch, step)
 
     def _labelled_batches(self, epoch: int, limit: int) -> Iterator[tuple]:
         """``limit`` batches of epoch ``epoch``. Without optim.total_steps that is (at most) one pass
@@ -151,20 +158,33 @@ class RunLoaders:
         self._loader = None
         self._pool_loader = None
 
-    def _to_device(self, images) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _to_device(self, images, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(student view, teacher's weak view or None) on the device; the loader gives one tensor,
-        or a (strong, weak) pair with data.strong_augment."""
+        or a (strong, weak) pair with data.strong_augment; with data.augment_on=device one uint8
+        tensor, which ``self.augment`` turns into those views."""
         views = list(images) if isinstance(images, (list, tuple)) else [images]
         views = [v.to(self.device, non_blocking=True) for v in views]
+        if self.augment is not None:
+            made = self.augment(views[0], generator)
+            views = list(made) if isinstance(made, tuple) else [made]
         if self.channels_last:
             views = [v.contiguous(memory_format=torch.channels_last) for v in views]
         return views[0], (views[1] if len(views) > 1 else None)
 
-    def make_batch(self, labelled: tuple, pool: tuple | None) -> Batch:
+    def step_generator(self, epoch: int, step: int) -> torch.Generator | None:
+        """data.augment_on=device: the generator of step ``step`` of epoch ``epoch``'s augmentation."""
+        if self.augment is None:
+            return None
+        seed = step_seed(self.cfg.run.seed, epoch, step, self.dist.rank, self.dist.world_size)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
+    def make_batch(self, labelled: tuple, pool: tuple | None, epoch: int = 0, step: int = 0) -> Batch:
         """The step's batch: the labelled tiles, then the pool's (target UNLABELLED, index after the
-        labelled rows) when there is a pool; with a teacher cache, the teacher's outputs for their views."""
+        labelled rows) when there is a pool; with a teacher cache, the teacher's outputs for their views.
+        ``epoch`` and ``step`` seed data.augment_on=device's augmentation."""
         images, targets, index, *view = labelled
-        student, weak = self._to_device(images)
+        generator = self.step_generator(epoch, step)
+        student, weak = self._to_device(images, generator)
         view = view[0] if view else None
         if pool is None:
             batch = Batch(student, targets.to(self.device, non_blocking=True), index.to(self.device, non_blocking=True),
@@ -172,7 +192,7 @@ class RunLoaders:
             return self._with_views(batch, index, view)
         pool_images, pool_rows, skipped, *pool_view = pool
         self._note_skipped(skipped)
-        pool_student, pool_weak = self._to_device(pool_images)
+        pool_student, pool_weak = self._to_device(pool_images, generator)
         n = len(targets)
         rows = torch.cat([index, pool_rows + len(self.data.train)])
         batch = Batch(
