@@ -44,9 +44,11 @@ One process, one student/teacher pair (same architecture, random weights), the s
 ``num_workers`` for all) reading tiles decoded from their files on every read (``data.cache=off``),
 from the uint8 tile store (``data.cache=disk``, built once before timing; its build time is
 reported) and from memory (``data.cache=memory``), at each of ``--store-sizes``, doing per tile the
-training transform (flips, 90-degree rotations, RandAugment), the same without RandAugment, or
+training transform (flips, 90-degree rotations, RandAugment), the same without RandAugment,
 nothing (the uint8 tile as read: what a loader is left with when augmentation runs on whole batches
-elsewhere); medians of ``--store-rounds`` interleaved measurements of ``--loader-batches`` batches.
+elsewhere), or ``data.augment_on=device`` (the loader hands out uint8 tiles in their flip/rotation
+view and :class:`~moma.data.device_augment.DeviceAugment` converts and normalises each batch on the
+device, in the main process, timed with the loader); medians of ``--store-rounds`` interleaved measurements of ``--loader-batches`` batches.
 With ``--store-step`` also the student's own training step (``none``) at that size on the run's
 device, so the loader can be set against it.
 
@@ -475,7 +477,9 @@ def print_report(args, steps: dict | None, loader: dict | None, wait: dict | Non
 STORAGES = ("off", "disk", "memory")  # data.cache: decoded on every read, the tile store, in memory
 # The loader's per-tile work: the training transform with and without RandAugment, and none at all
 # (uint8 tiles as read: what is left to a loader when augmentation runs on whole batches elsewhere).
-LOADER_WORK = ("flips, rot90, RandAugment", "flips, rot90", "none (uint8 tiles)")
+LOADER_WORK = ("flips, rot90, RandAugment", "flips, rot90", "none (uint8 tiles)",
+               "flips, rot90 (uint8) + device augmentation per batch")
+DEVICE_WORK = LOADER_WORK[-1]  # data.augment_on=device
 
 
 def storage_trainer(args, workdir: Path, teachers: dict[str, Path], size: int, cache: str, work: str, workers):
@@ -488,20 +492,29 @@ def storage_trainer(args, workdir: Path, teachers: dict[str, Path], size: int, c
     cfg.data.cache = cache
     cfg.data.tile_store_dir = str(workdir / "tile_stores")
     cfg.augment.randaugment = "RandAugment" in work
+    cfg.data.augment_on = "device" if work == DEVICE_WORK else "loader"
     run_dir = workdir / f"store-{size}-{cache}-{LOADER_WORK.index(work)}-{time.monotonic_ns()}"
     run_dir.mkdir(parents=True)
     trainer = Trainer(cfg, run_dir)
-    if work == LOADER_WORK[-1]:
+    if work == LOADER_WORK[2]:
         trainer.data.train.transform = None
     return trainer
 
 
-def loader_rate(loader, batches: int) -> float:
+def loader_rate(loader, batches: int, run_loaders=None) -> float:
     """Tiles/s of ``batches`` batches, after one untimed batch (workers started, first-call costs).
     The rest of the pass is drained untimed: batches the workers prefetched would otherwise still be
-    in the making while the next loader is timed, and take its cores."""
+    in the making while the next loader is timed, and take its cores. With ``run_loaders`` (a
+    trainer's RunLoaders with data.augment_on=device) each batch is also moved to the device and
+    augmented there, as training does."""
+    def finish(batch):
+        if run_loaders is not None:
+            run_loaders._to_device(batch[0], run_loaders.step_generator(0, tiles))
+        return len(batch[0])
+
     iterator = iter(loader)
-    next(iterator)
+    tiles = 0
+    finish(next(iterator))
     start, tiles = time.perf_counter(), 0
     for _ in range(batches):
         try:
@@ -509,7 +522,9 @@ def loader_rate(loader, batches: int) -> float:
         except StopIteration:
             iterator = iter(loader)
             batch = next(iterator)
-        tiles += len(batch[0])
+        tiles += finish(batch)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     rate = tiles / (time.perf_counter() - start)
     for _ in iterator:
         pass
@@ -562,7 +577,8 @@ def measure_tile_store(args, workdir: Path, teachers: dict[str, Path]) -> list[d
             for round_index in range(args.store_rounds):
                 order = STORAGES[round_index % 3:] + STORAGES[:round_index % 3]
                 for cache in order:
-                    rates[cache].append(loader_rate(loaders[cache], args.loader_batches))
+                    on_device = trainers[cache].loaders if work == DEVICE_WORK else None
+                    rates[cache].append(loader_rate(loaders[cache], args.loader_batches, on_device))
             for trainer in trainers.values():
                 trainer.close()
             row = {"size": size, "work": work, "workers": workers, "build_s": build_seconds,
