@@ -137,7 +137,12 @@ class DistillMethod(nn.Module):
         raise NotImplementedError
 
     def teacher_forward(self, teacher: FeatureTap, images: torch.Tensor) -> TapOutputs:
-        """The teacher's outputs for this batch; frozen teachers run without gradients."""
+        """The teacher's outputs for this batch; frozen teachers run without gradients.
+
+        The only place a method may change the teacher's weights (``updates_teacher``): MoMA's
+        momentum teacher is updated here, in view, because the published code updates it between
+        two teacher passes of the same step (KL logits before, keys after), which no hook before or
+        after the teacher pass can reproduce. Nothing else in a step touches the teacher."""
         with torch.no_grad():
             return self.from_teacher_outputs(teacher(images))
 
