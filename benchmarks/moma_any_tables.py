@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from moma.compare.report_tables import _ci as report_ci, _p as report_p
 from moma.compare.results import read_results
 from moma.compare.stats import PAIR_KEYS, done_rows, paired_difference, paired_differences
 from moma.errors import DataError
@@ -34,9 +35,9 @@ REAL, CONTROL = "other_arch", "random_teacher"
 
 
 def _ci(result) -> str:
-    if not np.isfinite(result.ci_low):
-        return f"{result.mean:+.3f}"
-    return f"{result.mean:+.3f} [{result.ci_low:+.3f}, {result.ci_high:+.3f}], p = {result.p_value:.2g}"
+    """A paired difference as the report writes it: mean [95 % interval], Wilcoxon p."""
+    text = report_ci(result.mean, result.ci_low, result.ci_high)
+    return text if not np.isfinite(result.ci_low) else f"{text}, p = {report_p(result.p_value)}"
 
 
 def _diagnostics(part: pd.DataFrame) -> str:
