@@ -96,7 +96,7 @@ def open_for_run(cfg: Config, data: DataBundle, teacher: Teacher, method: Distil
         if not _complete(folder, wanted):
             log.info("teacher cache %s: computing the teacher's outputs for %d tiles x %d views", folder, len(keys),
                      prep.stored_per_tile)
-            write_cache(folder, teacher, keys["path"], prep, device, batch_size=max(64, cfg.optim.batch_size))
+            write_cache(folder, teacher, keys, wanted, prep, device, batch_size=max(64, cfg.optim.batch_size))
     cache = TeacherCache(folder)
     _check_fingerprint(cache, wanted)
     run = RunTeacherCache(cache, np.concatenate([cache.rows(data.train.paths), _pool_rows(cache, data)]))

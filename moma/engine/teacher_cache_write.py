@@ -135,17 +135,15 @@ class CacheWriter:
 
 
 
-def write_cache(folder: str | Path, teacher: Teacher, paths, prep: Preprocessing, device: torch.device,
-                batch_size: int = 64, workers: int = 0, shard_tiles: int = DEFAULT_SHARD_TILES,
-                progress: bool = False) -> dict:
-    """Make (or complete) the cache of ``teacher`` over ``paths`` in ``folder``. A folder that already
-    holds a cache of the same fingerprint and tiles is completed (finished shards are kept); one of
-    another is refused. Returns a summary: tiles, views, shards computed and kept, forwards, seconds."""
+def write_cache(folder: str | Path, teacher: Teacher, keys: pd.DataFrame, wanted: dict, prep: Preprocessing,
+                device: torch.device, batch_size: int = 64, workers: int = 0,
+                shard_tiles: int = DEFAULT_SHARD_TILES, progress: bool = False) -> dict:
+    """Make (or complete) the cache of ``teacher`` over the tiles ``keys`` (:func:`tile_keys`) in
+    ``folder``, whose fingerprint is ``wanted`` (:func:`fingerprint`; the caller computes both once,
+    the fingerprint hashes every teacher tensor). A folder that already holds a cache of the same
+    fingerprint and tiles is completed (finished shards are kept); one of another is refused.
+    Returns a summary: tiles, views, shards computed and kept, forwards, seconds."""
     folder = Path(folder)
-    keys = tile_keys(paths)
-    if keys.empty:
-        raise DataError("no tiles to compute teacher outputs for")
-    wanted = fingerprint(teacher, prep)
     writer = CacheWriter(folder, teacher, prep, device, batch_size, workers, progress)
     index = read_index(folder)
     if index is None:
@@ -155,12 +153,6 @@ def write_cache(folder: str | Path, teacher: Teacher, paths, prep: Preprocessing
     return _fill_shards(folder, writer, index, keys)
 
 
-def embed(folder: str | Path, teacher: Teacher, paths, prep: Preprocessing, device: torch.device,
-          **options) -> dict:
-    """:func:`write_cache` under the cache's lock (``moma embed``; runs with ``teacher_cache`` take the same lock)."""
-    folder = Path(folder)
-    with exclusive(folder / LOCK_NAME):
-        return write_cache(folder, teacher, paths, prep, device, **options)
 
 def _start_cache(folder: Path, writer: CacheWriter, wanted: dict, keys: pd.DataFrame, shard_tiles: int) -> dict:
     """The tile table, the view table and the index (last: its presence means the plan is fixed)."""
@@ -240,7 +232,9 @@ def embed_sources(teacher_path: str, sources: list[str], out: str | None = None,
         raise DataError(f"no image tiles found in {', '.join(sources)}")
     stain = fit_reference(stain_method, stain_reference) if stain_reference else None
     prep = Preprocessing(image_size or teacher.meta.image_size, stain, ALL_VIEWS, per_tile, view_seed)
-    folder = Path(out) if out else Path(DEFAULT_DIR) / default_name(teacher, fingerprint(teacher, prep), tile_keys(paths))
+    keys, wanted = tile_keys(paths), fingerprint(teacher, prep)  # once: the fingerprint hashes every teacher tensor
+    folder = Path(out) if out else Path(DEFAULT_DIR) / default_name(teacher, wanted, keys)
     if folder.exists() and not folder.is_dir():
         raise ConfigError(f"--out {folder} is a file; give a folder for the teacher cache")
-    return embed(folder, teacher, paths, prep, resolve_device(device), **options)
+    with exclusive(folder / LOCK_NAME):  # runs with distill.teacher_cache take the same lock
+        return write_cache(folder, teacher, keys, wanted, prep, resolve_device(device), **options)
