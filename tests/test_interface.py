@@ -73,6 +73,9 @@ def test_cache_auto_keeps_tiles_in_memory_then_on_disk_then_nowhere_as_budgets_a
         assert choose_storage("auto", 10, 224, None, None) == "off"
     assert len([r for r in caplog.records if "data.cache=auto" in r.getMessage()]) == 4
     assert choose_storage("memory", 10**9, 224, 0, 0) == "memory" and choose_storage("off", 1, 8, 10**12, 0) == "off"
+    # the store holds the whole source: a subsample that fits is not enough when the source does not
+    assert choose_storage("auto", 1001, 224, 1000 * tile, 2000 * tile, store_tiles=2001) == "off"
+    assert choose_storage("auto", 1001, 224, 1000 * tile, 2000 * tile, store_tiles=2000) == "disk"
 
 
 def refused(capsys, argv: list[str], fragment: str) -> None:

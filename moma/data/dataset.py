@@ -67,14 +67,16 @@ def memory_bytes() -> int | None:
 
 
 def choose_storage(setting: Storage | Literal["auto"], num_tiles: int, image_size: int, memory_budget: int | None,
-                   disk_budget: int | None) -> Storage:
+                   disk_budget: int | None, store_tiles: int | None = None) -> Storage:
     """Where decoded tiles are kept: ``setting`` unless it is ``auto``; for ``auto``, in memory when
-    ``num_tiles`` decoded RGB tiles fit ``memory_budget`` bytes, else in a tile store on disk when
-    they fit ``disk_budget``, else nowhere (decoded on every read). An unknown budget does not fit."""
+    the ``num_tiles`` the run reads fit ``memory_budget`` bytes decoded, else in a tile store on disk
+    when the ``store_tiles`` it would hold (the whole source; default ``num_tiles``) fit
+    ``disk_budget``, else nowhere (decoded on every read). An unknown budget does not fit."""
     if setting != "auto":
         return setting
     needed = num_tiles * 3 * image_size * image_size
-    storage: Storage = "memory" if _fits(needed, memory_budget) else "disk" if _fits(needed, disk_budget) else "off"
+    on_disk = (num_tiles if store_tiles is None else store_tiles) * 3 * image_size * image_size
+    storage: Storage = "memory" if _fits(needed, memory_budget) else "disk" if _fits(on_disk, disk_budget) else "off"
     log.info("data.cache=auto: %d tiles of %d px decode to %.2f GiB; memory budget %s, disk budget %s: %s", num_tiles,
              image_size, needed / 2**30, _gib(memory_budget), _gib(disk_budget), {
                  "memory": "kept in memory", "disk": "kept in a tile store on disk (data.tile_store_dir)",

@@ -80,7 +80,8 @@ def build_data(cfg: Config, saved_split: Path | None = None, progress: bool = Fa
     reset_size_warning()
     labelled = sum(len(part) for part in parts.values())
     store_dir = resolve_store_dir(cfg.data.tile_store_dir)
-    storage = choose_storage(cfg.data.cache, labelled, cfg.data.image_size, cache_budget(), disk_budget(store_dir))
+    storage = choose_storage(cfg.data.cache, labelled, cfg.data.image_size, cache_budget(), disk_budget(store_dir),
+                             store_tiles=len(table))  # the store holds every tile of the source
     store = open_table_store(table, cfg.data.image_size, store_dir, progress) if storage == "disk" else None
     common = dict(image_size=cfg.data.image_size, cache=storage == "memory", store=store, skip_bad=cfg.data.skip_bad,
                   progress=progress)
