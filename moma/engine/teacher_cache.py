@@ -200,6 +200,11 @@ def read_index(folder: Path) -> dict | None:
 # ----------------------------------------------------------------------------- reading
 
 
+def missing_shards(folder: Path, index: dict) -> list[int]:
+    """The shard numbers of ``index`` whose file ``folder`` does not hold yet."""
+    return [n for n in range(index["shards"]) if not (folder / shard_name(n)).is_file()]
+
+
 class TeacherCache:
     """A complete cache folder, read through memory maps."""
 
@@ -209,7 +214,7 @@ class TeacherCache:
         if index is None:
             raise ConfigError(f"teacher cache {self.folder}: no {INDEX_NAME}; make it with `moma embed`")
         self.index = index
-        missing = [n for n in range(index["shards"]) if not (self.folder / shard_name(n)).is_file()]
+        missing = missing_shards(self.folder, index)
         if missing:
             raise DataError(f"teacher cache {self.folder} is incomplete ({len(missing)} of {index['shards']} shards "
                             "missing); run the same `moma embed` again to finish it")

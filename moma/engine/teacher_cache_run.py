@@ -16,7 +16,7 @@ from moma.data.transforms import training_views
 from moma.distill.base import DistillMethod
 from moma.engine.builder import DataBundle, Teacher
 from moma.engine.teacher_cache import (DEFAULT_DIR, LOCK_NAME, Preprocessing, TeacherCache, default_name,
-                                       differences, fingerprint, read_index, shard_name, tile_keys)
+                                       differences, fingerprint, missing_shards, read_index, tile_keys)
 from moma.engine.teacher_cache_write import write_cache
 from moma.errors import ConfigError, DataError
 from moma.models.taps import TapOutputs
@@ -113,7 +113,7 @@ def _complete(folder: Path, wanted: dict) -> bool:
         return False
     if index["fingerprint"] != wanted:
         return True
-    return all((folder / shard_name(n)).is_file() for n in range(index["shards"]))
+    return not missing_shards(folder, index)
 
 
 def _pool_rows(cache: TeacherCache, data: DataBundle) -> np.ndarray:

@@ -26,8 +26,8 @@ from moma.data.transforms import normalize_transform
 from moma.data.views import NUM_VIEWS, apply_view
 from moma.engine.builder import Teacher
 from moma.engine.teacher_cache import (ALL_VIEWS, DEFAULT_DIR, INDEX_NAME, LOCK_NAME, TILES_NAME, VIEWS_NAME,
-                                       Preprocessing, default_name, differences, fingerprint, read_index,
-                                       shard_name, tile_keys, tiles_digest)
+                                       Preprocessing, default_name, differences, fingerprint, missing_shards,
+                                       read_index, shard_name, tile_keys, tiles_digest)
 from moma.errors import ConfigError, DataError
 from moma.models.taps import FeatureTap, TapOutputs
 from moma.utils.io import atomic_path, atomic_write_json, atomic_write_text
@@ -181,7 +181,7 @@ def _fill_shards(folder: Path, writer: CacheWriter, index: dict, keys: pd.DataFr
     views = np.load(folder / VIEWS_NAME, allow_pickle=False)
     paths = keys["path"].tolist()
     size, start = index["shard_tiles"], time.perf_counter()
-    missing = [n for n in range(index["shards"]) if not (folder / shard_name(n)).is_file()]
+    missing = missing_shards(folder, index)
     unreadable = 0
     for number in tqdm(missing, desc="teacher cache shards", disable=not writer.progress, leave=False):
         rows = slice(number * size, min((number + 1) * size, len(paths)))
