@@ -142,6 +142,7 @@ class TileStore:
         self._fd: int | None = None
         self._offset = 0  # where the array starts in the file, after the .npy header
         self._shape: tuple[int, ...] = ()
+        self._row_of: dict[str, int] | None = None  # absolute path -> row, built on first use, not pickled
 
     def __len__(self) -> int:
         return len(self.keys)
@@ -162,8 +163,9 @@ class TileStore:
 
     def rows_of(self, paths: Sequence[str]) -> np.ndarray:
         """The store row of each path (-1 where the store does not hold it)."""
-        lookup = {os.path.normpath(os.path.join(self.root, key)): row for row, key in enumerate(self.keys)}
-        return np.array([lookup.get(os.path.abspath(p), -1) for p in paths], dtype=np.int64)
+        if self._row_of is None:  # built once: every split, the pool and its locate ask
+            self._row_of = {os.path.normpath(os.path.join(self.root, key)): row for row, key in enumerate(self.keys)}
+        return np.array([self._row_of.get(os.path.abspath(p), -1) for p in paths], dtype=np.int64)
 
     def read(self, row: int) -> torch.Tensor:
         out = np.empty((3, self.image_size, self.image_size), dtype=np.uint8)
@@ -209,7 +211,7 @@ class TileStore:
         self.close()
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_fd": None}
+        return {**self.__dict__, "_fd": None, "_row_of": None}
 
 
 def locate(paths: Sequence[str], stores: Sequence[TileStore]) -> tuple[np.ndarray, np.ndarray]:
