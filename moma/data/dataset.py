@@ -201,11 +201,6 @@ class TileDataset(Dataset):
         image, view = self.raw_image(index), NO_VIEW
         if self.transform is not None:
             choices = None if self.view_choices is None else self.view_choices[index]
-            if seed is None:
-                image, view = transform_with_view(self.transform, image, choices)
-            else:
-                with torch.random.fork_rng(devices=[]):
-                    torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also seeds CUDA lazily, at ~0.3 ms a tile
-                    image, view = transform_with_view(self.transform, image, choices)
+            image, view = transform_with_view(self.transform, image, choices, seed)
         sample = (image, self.targets[index], index)
         return sample if view == NO_VIEW else (*sample, view)

@@ -175,8 +175,18 @@ class TwoViews(ViewedTransform):
         return self.normalize(self.strong(viewed)), self.normalize(viewed)
 
 
-def transform_with_view(transform, image: torch.Tensor, choices=None):
-    """``(transformed image, view number)``; :data:`NO_VIEW` for a transform that draws no view."""
+def transform_with_view(transform, image: torch.Tensor, choices=None, seed: int | None = None):
+    """``(transformed image, view number)``; :data:`NO_VIEW` for a transform that draws no view. With
+    ``seed`` the draws come from torch's CPU generator seeded with it, and the caller's generator state
+    is restored afterwards (a sample's augmentation then does not depend on the loader worker)."""
+    if seed is None:
+        return _transform_with_view(transform, image, choices)
+    with torch.random.fork_rng(devices=[]):
+        torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also seeds CUDA lazily, at ~0.3 ms a tile
+        return _transform_with_view(transform, image, choices)
+
+
+def _transform_with_view(transform, image: torch.Tensor, choices):
     if isinstance(transform, ViewedTransform):
         return transform.with_view(image, choices)
     return transform(image), NO_VIEW

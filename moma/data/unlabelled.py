@@ -241,7 +241,5 @@ class UnlabelledDataset(Dataset):
         view = NO_VIEW
         if self.transform is not None:
             choices = None if self.view_choices is None else self.view_choices[row]
-            with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(seed)  # the CPU generator only: torch.manual_seed also seeds CUDA lazily, at ~0.3 ms a tile
-                image, view = transform_with_view(self.transform, image, choices)
+            image, view = transform_with_view(self.transform, image, choices, seed)
         return (image, row, bad) if view == NO_VIEW else (image, row, bad, view)
